@@ -1,0 +1,354 @@
+"""Pure loss math on cosine matrices (methods.md; every formula cites its paper or code).
+
+Every function takes `cos` (B×C, fp32: heads compute it outside autocast, methods.md N1)
+and `labels` (B,) indexing its columns, and returns the mean over the B rows. `labels`
+may hold -1 for rows whose class lives on another rank's class shard: the
+`unitsface.parallel` reductions used below then combine the shards (D3, D4), and in a
+single process they are plain `logsumexp` / sums.
+
+Logits are never exponentiated directly (N2): cross-entropy is LSE − target, BCE terms
+are softplus.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from unitsface.errors import UnitsfaceError
+from unitsface.parallel import logsumexp_over_shards, sum_over_shards
+
+COS_EPS = 1e-7  # N3: clamp before arccos / sqrt(1 - c^2)
+NORM_EPS = 1e-5  # the CVI-SZU and EPL references normalise with max(|x|, 1e-5)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Unit rows in fp32: x / max(|x|, eps)."""
+    return F.normalize(x.float(), dim=1, eps=eps)
+
+
+def cosine(embeddings: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """B×C cosine matrix in fp32, outside autocast and TF32 (N1)."""
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return normalize(embeddings, eps) @ normalize(rows, eps).t()
+
+
+def target_mask(labels: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """Boolean B×C one-hot of `labels`; rows with label -1 (class on another shard) are all False."""
+    cols = torch.arange(num_columns, device=labels.device)
+    return labels.unsqueeze(1) == cols.unsqueeze(0)
+
+
+def gather_target(matrix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """matrix[i, labels[i]], 0 where labels[i] == -1 (the owner shard supplies it)."""
+    picked = matrix.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.where(labels >= 0, picked, torch.zeros_like(picked))
+
+
+def replace_target(cos: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`cos` with column labels[i] of row i replaced by target[i] (rows with label -1 unchanged)."""
+    return torch.where(target_mask(labels, cos.shape[1]), target.unsqueeze(1), cos)
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row CE = LSE_j z_ij − z_{i,y_i}, combined over class shards (D3)."""
+    return logsumexp_over_shards(logits, dim=1) - sum_over_shards(gather_target(logits, labels))
+
+
+def softplus(u: torch.Tensor) -> torch.Tensor:
+    """sp(u) = max(u, 0) + log1p(exp(-|u|)): finite for every finite input (methods.md §3.5)."""
+    return torch.clamp(u, min=0) + torch.log1p(torch.exp(-u.abs()))
+
+
+# --------------------------------------------------------------------------- margins
+
+
+def arcface_target(
+    c: torch.Tensor, m: float, gradient: str = "exact", fallback: str = "hard"
+) -> torch.Tensor:
+    """ArcFace target cos(θ + m) (methods.md §1.4).
+
+    gradient="exact" differentiates through arccos; "straight_through" keeps the ArcFace
+    value with the NormFace gradient (insightface arcface_torch). fallback: "hard" uses
+    c − m·sin m where θ + m > π (keeps φ monotone), "easy" keeps c where c ≤ 0 (MagFace),
+    "none" applies cos(θ + m) everywhere.
+    """
+    if gradient not in ("exact", "straight_through"):
+        raise ValueError(f"gradient must be 'exact' or 'straight_through', got {gradient!r}")
+    if fallback not in ("hard", "easy", "none"):
+        raise ValueError(f"fallback must be 'hard', 'easy' or 'none', got {fallback!r}")
+
+    def value(c_: torch.Tensor) -> torch.Tensor:
+        cc = c_.clamp(-1 + COS_EPS, 1 - COS_EPS)
+        phi = cc * math.cos(m) - torch.sqrt(1.0 - cc * cc) * math.sin(m)
+        if fallback == "hard":
+            phi = torch.where(c_ > -math.cos(m), phi, c_ - m * math.sin(m))
+        elif fallback == "easy":
+            phi = torch.where(c_ > 0, phi, c_)
+        return phi
+
+    if gradient == "exact":
+        return value(c)
+    with torch.no_grad():
+        delta = value(c) - c
+    return c + delta
+
+
+def combined_target(
+    c: torch.Tensor, m1: float, m2: float, m3: float, gradient: str = "exact"
+) -> torch.Tensor:
+    """cos(m1·θ + m2) − m3 (methods.md §1.5); m1·θ + m2 is clamped at π so φ saturates at −1 − m3."""
+    if gradient not in ("exact", "straight_through"):
+        raise ValueError(f"gradient must be 'exact' or 'straight_through', got {gradient!r}")
+    if m1 == 1.0 and m2 == 0.0:  # pure CosFace: no arccos, bit-identical to cosface_loss
+        return c - m3
+
+    def value(c_: torch.Tensor) -> torch.Tensor:
+        theta = torch.acos(c_.clamp(-1 + COS_EPS, 1 - COS_EPS))
+        return torch.cos((m1 * theta + m2).clamp(max=math.pi)) - m3
+
+    if m1 == 1.0 and m3 == 0.0:  # pure ArcFace: bit-identical to arcface_loss (hard fallback)
+        return arcface_target(c, m2, gradient, fallback="hard")
+    if gradient == "exact":
+        return value(c)
+    with torch.no_grad():
+        delta = value(c) - c
+    return c + delta
+
+
+# --------------------------------------------------------------------------- sample-to-class CE heads
+
+
+def normface_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) -> torch.Tensor:
+    """NormFace: CE(s·cos) (UniFace paper Eq. 8, L_sl)."""
+    return cross_entropy_rows(s * cos, labels).mean()
+
+
+def cosface_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0, m: float = 0.4) -> torch.Tensor:
+    """CosFace: CE(s·(cos − m·onehot)) (Wang et al. 2018; methods.md §1.3)."""
+    return cross_entropy_rows(s * (cos - m * target_mask(labels, cos.shape[1])), labels).mean()
+
+
+def arcface_loss(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.5,
+    gradient: str = "exact",
+    fallback: str = "hard",
+) -> torch.Tensor:
+    """ArcFace: CE with target s·cos(θ_y + m) (Deng et al. 2019; methods.md §1.4).
+
+    arccos runs on the target column only.
+    """
+    target = arcface_target(gather_target(cos, labels), m, gradient, fallback)
+    return cross_entropy_rows(s * replace_target(cos, labels, target), labels).mean()
+
+
+def combined_loss(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.3,
+    m3: float = 0.2,
+    gradient: str = "exact",
+) -> torch.Tensor:
+    """Combined margin CE with target s·(cos(m1·θ + m2) − m3) (insightface; methods.md §1.5)."""
+    target = combined_target(gather_target(cos, labels), m1, m2, m3, gradient)
+    return cross_entropy_rows(s * replace_target(cos, labels, target), labels).mean()
+
+
+# ------- threshold BCE family (UniFace UCE, UniTSFace USS) and uniform-classification metrics
+
+
+def threshold_bce_loss(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.4,
+    neg_weight: float = 1.0,
+    clamp: bool = False,
+    valid_columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sp(−(s(c_iy − m) − b_y)) + λ·Σ_{j≠y} sp(s·c_ij − b_j), summed over columns, mean over rows.
+
+    One formula serves UCE / per-class BCE (UniFace Eqs. 23, 31, s17) and USS / S2S BCE
+    (UniTSFace Eqs. 11, 22, 24): `bias` of shape (1,) is the unified threshold, shape (C,)
+    gives column j its own b_j — the positive of row i then uses b_{y_i} (methods.md §2.4).
+    The bias is subtracted, so b/s is a threshold in cosine units (§3.3).
+
+    softplus keeps every finite input finite (§3.5). `clamp=True` reproduces the references'
+    clamp of each argument to [−s, s], which stops the gradient of far-out terms (§2.2).
+    `valid_columns` (C or B×C bool) drops unfilled memory slots: they are not negatives, and a
+    row whose own column is invalid has no positive term but still counts in the mean (§2.1).
+    """
+    positive = target_mask(labels, cos.shape[1])
+    u = s * (cos - m * positive) - bias.float()
+    if clamp:
+        u = u.clamp(-s, s)
+    terms = softplus(torch.where(positive, -u, u))
+    if neg_weight != 1.0:
+        terms = torch.where(positive, terms, neg_weight * terms)
+    if valid_columns is not None:
+        terms = torch.where(valid_columns, terms, torch.zeros_like(terms))
+    return sum_over_shards(terms.sum(dim=1)).mean()
+
+
+@torch.no_grad()
+def unified_bias_init(
+    cos: torch.Tensor, labels: torch.Tensor, s: float, valid_columns: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """b0 = mean_i LSE_{j≠y_i} s·c_ij over valid negatives (UniTSFace code; methods.md §2.5).
+
+    At b0 the negatives of an average row start near one nat in total. fp32, no gradient; the
+    LSE spans the class shards so every rank computes the same b0 (D5). Rows without a valid
+    negative are left out; None when no row has one (the bias cannot be set from this batch).
+    """
+    z = (s * cos.float()).masked_fill(target_mask(labels, cos.shape[1]), -math.inf)
+    if valid_columns is not None:
+        z = z.masked_fill(~valid_columns, -math.inf)
+    lse = logsumexp_over_shards(z, dim=1)
+    finite = torch.isfinite(lse)
+    return lse[finite].mean() if bool(finite.any()) else None
+
+
+def sample_softmax_loss(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.1,
+    valid_columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample-to-sample softmax CE(s·(n − m·onehot)) over memory columns (UniTSFace Eq. 17, §2.3).
+
+    Invalid (unfilled) columns get logit −inf. A row whose own column is invalid has no
+    positive, so no cross-entropy: it contributes 0 but still counts in the mean (§2.1).
+    """
+    logits = s * (cos - m * target_mask(labels, cos.shape[1]))
+    if valid_columns is None:
+        return cross_entropy_rows(logits, labels).mean()
+    valid = valid_columns.expand_as(logits)
+    has_positive = sum_over_shards(gather_target(valid.float(), labels)) > 0
+    # Rows without a positive are computed unmasked (finite, hence a clean zero gradient), then dropped.
+    logits = logits.masked_fill(~(valid | ~has_positive.unsqueeze(1)), -math.inf)
+    loss = cross_entropy_rows(logits, labels)
+    return torch.where(has_positive, loss, torch.zeros_like(loss)).mean()
+
+
+# Uniform-classification metrics (methods.md §4): evaluated once over a whole set, never per batch.
+
+
+@dataclass(frozen=True)
+class UniformResult:
+    """Best unified threshold: every t in (low, high] reaches `correct` of `total` samples."""
+
+    accuracy: float
+    threshold: float  # midpoint of (low, high]; nan when no sample can be correct
+    low: float
+    high: float
+    correct: int
+    total: int
+
+
+def _score_vectors(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, labels = torch.as_tensor(scores).detach(), torch.as_tensor(labels).long()
+    if scores.dim() != 2 or labels.shape != scores.shape[:1]:
+        raise UnitsfaceError(
+            f"scores must be N×C with N labels, got scores {tuple(scores.shape)} and labels {tuple(labels.shape)}"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= scores.shape[1]):
+        raise UnitsfaceError(f"labels must lie in [0, {scores.shape[1]}), got [{int(labels.min())}, "
+                             f"{int(labels.max())}]")
+    return scores, labels
+
+
+def positive_and_hardest_negative(
+    scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_i, n_i) = (S_{i,y_i}, max_{j≠y_i} S_ij): all the metrics need, so callers can stream
+    chunks of a large set and concatenate the two vectors (§4)."""
+    scores, labels = _score_vectors(scores, labels)
+    positive = target_mask(labels, scores.shape[1])
+    p = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+    n = scores.masked_fill(positive, -math.inf).max(dim=1).values
+    return p, n
+
+
+def uniform_sweep(p: torch.Tensor, n: torch.Tensor) -> UniformResult:
+    """Exact max_t (1/N)·#{i: n_i < t ≤ p_i} by an O(N log N) interval sweep (methods.md §4).
+
+    At each distinct endpoint v, #{n_i < v} − #{p_i < v} is the number of intervals (n_i, p_i]
+    holding v, and it is constant on the gap just below v; so the first best v and the
+    endpoint before it bound the optimal segment. Ties n_i = p_i are never correct.
+    """
+    p, n = torch.as_tensor(p).detach().double().flatten(), torch.as_tensor(n).detach().double().flatten()
+    if p.numel() == 0 or p.shape != n.shape:
+        raise UnitsfaceError(f"uniform accuracy needs equal, non-empty p and n, got {p.numel()} and {n.numel()}")
+    if bool(torch.isnan(p).any() | torch.isnan(n).any()):
+        raise UnitsfaceError("uniform accuracy got NaN scores")
+    total = p.numel()
+    keep = n < p
+    if not bool(keep.any()):
+        return UniformResult(0.0, math.nan, math.nan, math.nan, 0, total)
+    p, n = p[keep], n[keep]
+    coords = torch.unique(torch.cat([p, n]))  # sorted
+    inside = torch.searchsorted(n.sort().values, coords) - torch.searchsorted(p.sort().values, coords)
+    best = int(inside.argmax())  # first maximum; best >= 1 since nothing lies below the smallest endpoint
+    low, high = float(coords[best - 1]), float(coords[best])
+    threshold = (low + high) / 2 if math.isfinite(low) else high
+    correct = int(inside[best])
+    return UniformResult(correct / total, threshold, low, high, correct, total)
+
+
+def uniform_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(A_uni, t*) of an N×C metric matrix (taken before any unified bias), methods.md §4."""
+    result = uniform_sweep(*positive_and_hardest_negative(scores, labels))
+    return result.accuracy, result.threshold
+
+
+def sample_wise_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy as (1/N)·#{p_i > n_i}: a tie with a wrong class counts as an error."""
+    p, n = positive_and_hardest_negative(scores, labels)
+    if p.numel() == 0:
+        raise UnitsfaceError("sample-wise accuracy needs at least one sample")
+    return float((p > n).double().mean())
+
+
+@dataclass(frozen=True)
+class ClassWiseResult:
+    """Reading (A) of methods.md §4: one threshold per class over its own samples. Unverified."""
+
+    macro: float  # mean over the classes present of their accuracy
+    micro: float  # fraction of all samples correct at their class's threshold
+    thresholds: torch.Tensor  # (C,), nan for classes absent from the set
+    verified: bool = False
+
+
+def class_wise_uniform_accuracy(
+    scores: torch.Tensor, labels: torch.Tensor, *, experimental: bool = False
+) -> ClassWiseResult:
+    """Per-class best threshold (the §4 sweep restricted to class k), averaged macro and micro.
+
+    Neither reading of the BCE-uniform paper's class-wise accuracy could be verified, so the
+    caller must opt in with `experimental=True`.
+    """
+    if not experimental:
+        raise UnitsfaceError("class-wise uniform accuracy is unverified; pass experimental=True to use it")
+    p, n = positive_and_hardest_negative(scores, labels)
+    labels = torch.as_tensor(labels).long()
+    thresholds = torch.full((scores.shape[1],), math.nan, dtype=torch.float64)
+    accuracies, correct = [], 0
+    for k in torch.unique(labels).tolist():
+        result = uniform_sweep(p[labels == k], n[labels == k])
+        thresholds[k] = result.threshold
+        accuracies.append(result.accuracy)
+        correct += result.correct
+    return ClassWiseResult(sum(accuracies) / len(accuracies), correct / labels.numel(), thresholds)

@@ -1,0 +1,90 @@
+"""Checkpoints: one file with everything needed to resume exactly, or to deploy the backbone.
+
+Layout (a plain dict of tensors, numbers, strings, lists and dicts, so that it loads with
+`torch.load(..., weights_only=True)`):
+
+    format, version     "unitsface-checkpoint", 1
+    config              the full validated training config (nested dict)
+    meta                backbone, embedding_size, head, num_classes, threshold (b/s or None),
+                        input contract (size, colour order, mean, std)
+    model, head         state dicts (the head's per-identity state included: memory, bias, ...)
+    optimizer, scheduler, scaler, rng, epoch, step     resume state
+
+Files are written to a temporary name in the same folder and renamed, so a crash while
+saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unitsface.errors import UnitsfaceError
+
+FORMAT = "unitsface-checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a unitsface checkpoint (weights_only: a checkpoint can never run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnitsfaceError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnitsfaceError(f"corrupt or unreadable checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UnitsfaceError(f"{path} is not a unitsface checkpoint")
+    if ckpt.get("version", 0) > VERSION:
+        raise UnitsfaceError(f"{path} has checkpoint version {ckpt['version']}; this unitsface reads {VERSION}")
+    return ckpt
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained backbone in eval mode plus the checkpoint's `meta` (threshold, input contract...)."""
+    from unitsface import models
+
+    ckpt = load_checkpoint(path)
+    meta = dict(ckpt["meta"])
+    model = models.build(meta["backbone"], embedding_size=int(meta["embedding_size"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UnitsfaceError(f"{path}: weights do not fit backbone {meta['backbone']!r}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), meta
