@@ -138,7 +138,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> No
             known = [k for k in base]
             hint = difflib.get_close_matches(str(key), known, n=1)
             raise UnitsfaceError(
-                f"unknown config key {dotted!r}" + (f" (did you mean {prefix}{hint[0]!r}?)" if hint else "")
+                f"unknown config key {dotted!r}" + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
             )
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value, dotted + ".")
@@ -225,6 +225,24 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     config = copy.deepcopy(DEFAULTS)
     if source:
         _merge(config, _read_yaml(source))
+    base_head = dict(config["head"])
     for assignment in overrides:
         set_dotted(config, assignment)
+    if config["head"].get("name") != base_head.get("name"):
+        _drop_foreign_head_params(config["head"], base_head)
     return validate(config)
+
+
+def _drop_foreign_head_params(head: dict[str, Any], base_head: dict[str, Any]) -> None:
+    """`head.name=X` on top of a preset: keep the preset's head parameters that X accepts (say `s`),
+    drop the ones it has no use for (CosFace's `m` for `unitsface`). Parameters given as overrides
+    are never dropped, so a typo there still fails validation."""
+    from unitsface import heads
+
+    name = head.get("name")
+    if not isinstance(name, str) or name not in heads.names():
+        return
+    accepted = heads.head_parameters(name)
+    for key, value in base_head.items():
+        if key != "name" and key not in accepted and head.get(key) == value:
+            del head[key]

@@ -20,6 +20,7 @@ from torch import nn
 
 from unitsface.errors import UnitsfaceError
 from unitsface.losses import functional as LF
+from unitsface.optim import read_rows
 from unitsface.parallel import ClassShard, gather_batch
 from unitsface.registry import Registry
 
@@ -152,7 +153,8 @@ class ClassifierHead(Head):
             return self.weight, local, None
         remapped = torch.searchsorted(columns, local.clamp(min=0))
         remapped = torch.where(local >= 0, remapped, torch.full_like(local, -1))
-        return self.weight[columns], remapped, columns
+        # read_rows: plain indexing, or the lazy (sparse) update's catch-up and sparse gradient.
+        return read_rows(self.weight, columns), remapped, columns
 
     def class_cosine(
         self, x: torch.Tensor, labels: torch.Tensor

@@ -62,8 +62,11 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def softplus(u: torch.Tensor) -> torch.Tensor:
-    """sp(u) = max(u, 0) + log1p(exp(-|u|)): finite for every finite input (methods.md §3.5)."""
-    return torch.clamp(u, min=0) + torch.log1p(torch.exp(-u.abs()))
+    """sp(u) = log(1 + e^u), finite for every finite input (methods.md §3.5).
+
+    torch's kernel is the stable form (linear above u = 20) with the exact gradient σ(u).
+    """
+    return F.softplus(u)
 
 
 # --------------------------------------------------------------------------- margins
@@ -352,3 +355,149 @@ def class_wise_uniform_accuracy(
         accuracies.append(result.accuracy)
         correct += result.correct
     return ClassWiseResult(sum(accuracies) / len(accuracies), correct / labels.numel(), thresholds)
+
+
+# ------- EPL, UNPG and baselines (MagFace, AdaFace, CurricularFace, VPL)
+
+
+def count_once(term: torch.Tensor) -> torch.Tensor:
+    """`term` with its gradient kept on the main process only (methods.md D1).
+
+    A term that every rank computes identically from the gathered global batch (UNPG's
+    pair LSE, MagFace's regulariser) would send its gradient back once per rank, and the
+    trainer sums gradients over ranks. Detaching it elsewhere keeps the value everywhere
+    and the gradient exactly once. In one process this is the identity.
+    """
+    from unitsface.parallel import is_main_process
+
+    return term if is_main_process() else term.detach()
+
+
+def tukey_negative_pairs(
+    embeddings: torch.Tensor, labels: torch.Tensor, whisker: float = 1.5
+) -> tuple[torch.Tensor, int]:
+    """UNPG's kept negative pair cosines S'_n (ascending) and |S_n| (methods.md §6.1, §6.2).
+
+    S_n holds the cosines of unordered pairs j < k with y_j != y_k. The Tukey fences use the
+    0-based truncated-index quartiles of the sorted values, no interpolation (UNPG
+    `box_and_whisker_algorithm`), are recomputed every call and carry no gradient; both
+    ends are inclusive. The kept values keep their gradient to both features of a pair.
+    """
+    gram = cosine(embeddings, embeddings)  # fp32 outside autocast: fp16 quartiles are coarse (§6.3)
+    n = labels.numel()
+    upper = torch.ones(n, n, dtype=torch.bool, device=labels.device).triu(diagonal=1)
+    values = gram[upper & (labels.unsqueeze(1) != labels.unsqueeze(0))]
+    k = values.numel()
+    if k == 0:
+        return values, 0
+    ordered = values.sort().values
+    with torch.no_grad():
+        q1, q3 = ordered[k // 4], ordered[(3 * k) // 4]
+        reach = whisker * (q3 - q1)
+        keep = (ordered >= q1 - reach) & (ordered <= q3 + reach)
+    return ordered[keep], k
+
+
+def unpg_loss(
+    margin_cos: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    s: float = 64.0,
+    whisker: float = 1.5,
+    class_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """UNPG: CE over [s·margin_cos ‖ s·S'_n] in log-add-exp form (methods.md §6.3).
+
+    `margin_cos` is the base head's cosine matrix with its margin already on the target
+    column; `labels` are the global labels of the global batch `embeddings` (they decide
+    which pairs are negatives); `class_labels` index the columns of `margin_cos` (local
+    labels under class sharding, default `labels`). The appended block is the same in
+    every row, so it enters as one LSE scalar per step: B×K' is never built. With no
+    negative pair the scalar is −inf and the loss is the base loss.
+    Returns (loss, number of negative pairs, number kept).
+    """
+    kept, num_pairs = tukey_negative_pairs(embeddings, labels, whisker)
+    if kept.numel():
+        pair_lse = count_once(torch.logsumexp(s * kept, dim=0))
+    else:
+        pair_lse = margin_cos.new_tensor(float("-inf"))
+    logits = s * margin_cos
+    columns = labels if class_labels is None else class_labels
+    # logaddexp after the cross-shard reduction: the pair scalar is added exactly once per row.
+    row_lse = torch.logaddexp(logsumexp_over_shards(logits, dim=1), pair_lse)
+    loss = (row_lse - sum_over_shards(gather_target(logits, columns))).mean()
+    return loss, num_pairs, kept.numel()
+
+
+def magface_target(c: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """MagFace target cos(θ + m(a)) with the easy margin: c where c <= 0 (methods.md §1.7).
+
+    `margin` is per row and differentiable (the exact gradient reaches the feature norm).
+    """
+    cc = c.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    phi = cc * torch.cos(margin) - torch.sqrt(1.0 - cc * cc) * torch.sin(margin)
+    return torch.where(c > 0, phi, c)
+
+
+def magface_regularizer(a: torch.Tensor, u_a: float) -> torch.Tensor:
+    """g(a) = a/u_a² + 1/a, decreasing on [l_a, u_a] (MagFace `models/magface.py`; §1.7)."""
+    return a / (u_a * u_a) + 1.0 / a
+
+
+def magface_lambda_bound(s: float, l_margin: float, u_margin: float, l_a: float, u_a: float) -> float:
+    """Smallest λ_g for which MagFace's loss has a unique optimal norm (methods.md §1.7)."""
+    k = (u_margin - l_margin) / (u_a - l_a)
+    return s * k * u_a * u_a * l_a * l_a / (u_a * u_a - l_a * l_a)
+
+
+def adaface_target(
+    c: torch.Tensor, scaler: torch.Tensor, m: float = 0.4, eps: float = 1e-3
+) -> torch.Tensor:
+    """AdaFace target cos(clip(θ − m·ẑ, ε, π − ε)) − (m + m·ẑ) for quality ẑ in [−1, 1] (§1.8).
+
+    `c` must already be clamped to [−1 + ε, 1 − ε] (AdaFace `head.py`), so arccos is smooth.
+    """
+    theta = torch.acos(c)
+    return torch.cos((theta - m * scaler).clamp(eps, math.pi - eps)) - (m + m * scaler)
+
+
+def curricularface_loss(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    target_cos: torch.Tensor,
+    t: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.5,
+) -> torch.Tensor:
+    """CurricularFace CE (methods.md §1.6): ArcFace target with the hard fallback, and every
+    negative above T_i = cos(θ_y + m) (no fallback) modulated to c·(t + c).
+
+    `target_cos` is each row's un-margined target cosine gathered from every shard, so
+    that T_i is known where the target column is not. The hard mask and `t` carry no
+    gradient: a hard negative's gradient is t + 2c.
+    """
+    with torch.no_grad():
+        hard = cos > arcface_target(target_cos, m, "exact", "none").unsqueeze(1)
+    negatives = torch.where(hard, cos * (t + cos), cos)
+    target = arcface_target(gather_target(cos, labels), m, "exact", "hard")
+    return cross_entropy_rows(s * replace_target(negatives, labels, target), labels).mean()
+
+
+def adaptive_prototype_margin(v: torch.Tensor, labels: torch.Tensor, k: float = 0.7) -> torch.Tensor:
+    """EPL target v' = v − k·sg(v): value (1 − k)·v, gradient of v (EPL `head_EPL.py`; §5.3)."""
+    target = gather_target(v, labels)
+    return replace_target(v, labels, target - k * target.detach())
+
+
+PROTOTYPE_GATES = ("softsign", "sigmoid_shifted", "sigmoid")
+
+
+def prototype_gate(a: torch.Tensor, alpha: str = "softsign") -> torch.Tensor:
+    """EPL update weight g(a) of the old prototype, a = <Q_y, ẽ> (methods.md §5.2)."""
+    if alpha == "softsign":
+        return a / (1.0 + a.abs())
+    if alpha == "sigmoid_shifted":
+        return torch.sigmoid(a - 1.0)
+    if alpha == "sigmoid":
+        return torch.sigmoid(a)
+    raise ValueError(f"alpha must be one of {', '.join(PROTOTYPE_GATES)}, got {alpha!r}")

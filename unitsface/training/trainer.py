@@ -21,34 +21,40 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from unitsface import __version__, heads, models, parallel
+from unitsface import __version__, heads, models, optim, parallel
+from unitsface.data.dataset import RecordDataset, collate_faces
 from unitsface.errors import UnitsfaceError
-from unitsface.training.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint
+from unitsface.training import distributed
+from unitsface.training.checkpoint import FORMAT, VERSION
 from unitsface.training.schedule import lr_factor
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation fixed by (seed, epoch), sliced for this rank, starting at `start`.
+    """A permutation fixed by (seed, epoch), dealt to the ranks batch by batch, starting at `start`.
 
     Being a pure function of its arguments is what makes resume exact without replaying
-    the skipped batches through the decoder.
+    the skipped batches through the decoder. Consecutive blocks of `batch_size` go to ranks
+    0..R-1 in turn, so the global batch of step k is the same samples for any world size with
+    the same batch_size × R (a 2-rank run sees the batches of a 1-process run at twice the batch).
     """
 
-    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
+                 batch_size: int = 1) -> None:
         self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
+        self.batch_size = batch_size
 
     def indices(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
+            order = torch.randperm(self.size, generator=g)
         else:
-            order = list(range(self.size))
-        world, rank = parallel.world_size(), parallel.rank()
-        per_rank = self.size // world
-        return order[rank * per_rank : (rank + 1) * per_rank][self.start :]
+            order = torch.arange(self.size)
+        world, rank, batch = parallel.world_size(), parallel.rank(), self.batch_size
+        blocks = self.size // (batch * world)
+        mine = order[: blocks * world * batch].view(blocks, world, batch)[:, rank].reshape(-1)
+        return mine[self.start :].tolist()
 
     def __iter__(self):
         return iter(self.indices())
@@ -109,7 +115,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def flip_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip of half the uint8 NCHW images, decided by `generator`."""
-    mask = torch.rand(images.shape[0], generator=generator) < 0.5
+    n = images.shape[0]  # the mask is drawn for the global batch, so flips do not depend on the world size
+    mask = torch.rand(n * parallel.world_size(), generator=generator)[parallel.rank() * n :][:n] < 0.5
     if mask.any():
         images = images.clone()
         images[mask] = images[mask].flip(-1)
@@ -125,16 +132,15 @@ class Trainer:
     """Builds everything from a validated config and runs `fit()`."""
 
     def __init__(self, config: dict[str, Any], resume: str | Path | None = None) -> None:
-        from unitsface.data.dataset import RecordDataset
 
         self.config = config
         self.cfg = config["train"]
         self.out = Path(config["output"]).expanduser()
+        self.device = distributed.setup(resolve_device(self.cfg["device"]))  # joins torchrun's process group
         self.main = parallel.is_main_process()
         torch.manual_seed(self.cfg["seed"])
         random.seed(self.cfg["seed"])
         np.random.seed(self.cfg["seed"] % 2**32)
-        self.device = resolve_device(self.cfg["device"])
         if self.cfg["amp"] == "fp16" and self.device.type != "cuda":
             raise UnitsfaceError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
 
@@ -144,6 +150,8 @@ class Trainer:
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
         self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"]).to(self.device)
+        self.net = distributed.wrap_model(self.model, self.device)  # DDP (summed gradients) when distributed
+        distributed.seed_rank(self.cfg["seed"])
         self.head_name = hcfg.pop("name")
         self.head = heads.build(self.head_name, self.num_classes, mcfg["embedding_size"], **hcfg).to(self.device)
 
@@ -162,17 +170,20 @@ class Trainer:
 
         params = [p for p in list(self.model.parameters()) + list(self.head.parameters()) if p.requires_grad]
         self.params = params
-        self.optimizer = torch.optim.SGD(params, lr=self.cfg["lr"], momentum=self.cfg["momentum"],
-                                         weight_decay=self.cfg["weight_decay"])
+        lazy = [self.head.weight] if self.cfg.get("sparse_update", False) and hasattr(self.head, "weight") else []
+        self.optimizer = optim.SGD(params, lr=self.cfg["lr"], momentum=self.cfg["momentum"],
+                                   weight_decay=self.cfg["weight_decay"], lazy=lazy)
+        self.grad_sync = distributed.GradientSync(self.model.parameters(), self.head)
         factor = lr_factor(self.cfg["schedule"], self.steps_per_epoch, self.cfg["epochs"], self.cfg["milestones"],
                            self.cfg["gamma"], self.cfg["warmup_epochs"], self.cfg["power"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg["amp"] == "fp16")
+        self.scaler = distributed.grad_scaler(self.cfg["amp"] == "fp16")
         self.step = 0
         self.skipped_steps = 0
         self._val_cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+        resume = distributed.auto_resume(self.out, resume)  # after a torchrun restart: output/last.pt
         if resume is not None:
-            self.load_state(load_checkpoint(resume))
+            self.load_state(distributed.load_checkpoint(resume, self.head, self.optimizer))
 
     # ------------------------------------------------------------------ state
 
@@ -232,15 +243,17 @@ class Trainer:
         restore_rng(ckpt["rng"])
 
     def save(self, name: str = "last.pt") -> Path:
+        """Every rank calls this: with several ranks each writes its class shard (distributed.py)."""
         path = self.out / name
-        if self.main:
-            atomic_save(self.state(), path)
+        self.optimizer.catch_up()  # lazily updated rows are written in their dense state
+        distributed.save_checkpoint(self.state(), path, self.head, self.optimizer)
         return path
 
     # ------------------------------------------------------------------ loop
 
     def loader(self, epoch: int, start_micro: int) -> DataLoader:
-        sampler = EpochSampler(len(self.dataset), self.cfg["seed"], epoch, start_micro * self.cfg["batch_size"])
+        sampler = EpochSampler(len(self.dataset), self.cfg["seed"], epoch, start_micro * self.cfg["batch_size"],
+                               batch_size=self.cfg["batch_size"])
         return DataLoader(
             self.dataset,
             batch_size=self.cfg["batch_size"],
@@ -248,6 +261,7 @@ class Trainer:
             num_workers=self.cfg["workers"],
             pin_memory=self.device.type == "cuda",
             drop_last=True,
+            collate_fn=collate_faces,
             generator=torch.Generator(),  # keeps worker seeding off the global RNG (exact resume)
             persistent_workers=False,
         )
@@ -258,23 +272,27 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg["amp"] == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> float:
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                   sync: bool = True) -> float:
+        """One forward/backward; `sync=False` on accumulation micro-steps skips DDP's all-reduce."""
         if self.cfg["flip"]:
             images = flip_batch(images, generator)
         x = normalize_images(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
-        with self.autocast():
-            embeddings = self.model(x)
-        loss = self.head(embeddings.float(), labels)
-        if not torch.isfinite(loss):
-            raise UnitsfaceError(f"loss became {loss.item()} at step {self.step}; lower train.lr or check the data")
-        self.scaler.scale(loss / self.cfg["grad_accumulation"]).backward()
+        with distributed.no_sync(self.net, skip=not sync):
+            with self.autocast():
+                embeddings = self.net(x)
+            loss = self.head(embeddings.float(), labels)
+            if not torch.isfinite(loss):
+                raise UnitsfaceError(f"loss became {loss.item()} at step {self.step}; lower train.lr or check the data")
+            self.scaler.scale(loss / self.cfg["grad_accumulation"]).backward()
         return float(loss.detach())
 
     def optimizer_step(self) -> None:
+        self.grad_sync.reduce_head()  # replicated head parameters: sum of the class shards' parts
         self.scaler.unscale_(self.optimizer)
         if self.cfg["grad_clip"] > 0:
-            nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"])
+            self.grad_sync.clip_(self.cfg["grad_clip"])  # the global norm, the same on every rank
         scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -309,7 +327,8 @@ class Trainer:
                 tick = time.perf_counter()
                 for images, labels in self.loader(epoch, first_micro):
                     seed = (self.cfg["seed"] * 1_000_003 + epoch) * 1_000_003 + micro
-                    losses.append(self.micro_step(images, labels, torch.Generator().manual_seed(seed)))
+                    losses.append(self.micro_step(images, labels, torch.Generator().manual_seed(seed),
+                                                  sync=(micro + 1) % accum == 0))
                     micro += 1
                     if micro % accum:
                         continue
@@ -394,4 +413,7 @@ def load_bin_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def train(config: dict[str, Any], resume: str | Path | None = None) -> dict[str, Any]:
     """Build a Trainer from a validated config and run it; returns the final validation results."""
-    return Trainer(config, resume=resume).fit()
+    try:
+        return Trainer(config, resume=resume).fit()
+    finally:
+        distributed.teardown()

@@ -1,0 +1,140 @@
+"""Training datasets on real faces (AT&T, PGM) packed through `data import` + `data pack`."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unitsface.data.dataset import ImageFolderDataset, RecordDataset, make_loader, normalize_batch
+from unitsface.data.images import decode, encode_jpeg, encode_png, to_face_image
+from unitsface.data.recordio import write_face_dataset
+from unitsface.data.tools import import_images, pack
+from unitsface.errors import UnitsfaceError
+
+
+@pytest.fixture(scope="module")
+def att(shared_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("att")
+    import_images(shared_dir / "data" / "att_faces", root / "jpeg")
+    pack(root / "jpeg", root / "rec")
+    return shared_dir / "data" / "att_faces", root / "jpeg", root / "rec"
+
+
+def test_record_dataset_serves_the_att_faces(att):
+    source, _, rec = att
+    dataset = RecordDataset(rec, train=False)
+    assert len(dataset) == 400 and dataset.num_classes == 40
+    image, label = dataset[10]  # sorted folders: s1, s10, s11, ... -> index 10 is s10/1.pgm
+    assert image.dtype == torch.uint8 and image.shape == (3, 112, 112) and label == 1
+    pgm = np.asarray(Image.open(source / "s10" / "1.pgm"))
+    assert pgm.shape == (112, 92)
+    expected = to_face_image(pgm)  # 92 wide: padded with 10 black columns each side
+    hwc = image.permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(hwc - expected).mean() < 2.5  # JPEG loss only
+    assert hwc[:, :8].max() < 20 and hwc[:, 104:].max() < 20
+    assert np.abs(hwc[..., 0] - hwc[..., 2]).max() < 12  # a grey face stays grey in RGB
+    assert sorted({dataset[i][1] for i in range(0, 400, 10)}) == list(range(40))
+
+
+def test_flip_is_random_in_training_only(att):
+    _, _, rec = att
+    train = RecordDataset(rec, train=True, flip=True)
+    reference = RecordDataset(rec, train=False)[5][0]
+    random.seed(0)
+    draws = [train[5][0] for _ in range(40)]
+    flipped = sum(torch.equal(d, reference.flip(-1)) for d in draws)
+    unflipped = sum(torch.equal(d, reference) for d in draws)
+    assert flipped + unflipped == 40 and 8 < flipped < 32
+    assert not torch.equal(reference, reference.flip(-1))
+
+
+def test_image_folder_dataset_matches_the_record_dataset(att):
+    _, jpeg_root, rec = att
+    folder, records = ImageFolderDataset(jpeg_root, train=False), RecordDataset(rec, train=False)
+    assert folder.classes[:3] == ["s1", "s10", "s11"] and folder.num_classes == 40
+    for i in (0, 123, 399):  # pack copies conforming JPEGs byte for byte
+        assert torch.equal(folder[i][0], records[i][0]) and folder[i][1] == records[i][1]
+
+
+def test_normalize_batch_is_the_input_contract():
+    batch = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = normalize_batch(batch)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.flatten().numpy(), [-1.0, (51 / 255 - 0.5) / 0.5, 1.0], atol=1e-6)
+    with pytest.raises(UnitsfaceError, match="uint8"):
+        normalize_batch(out)
+
+
+def test_loader_batches_and_seeded_epoch_shuffling(att):
+    _, _, rec = att
+    dataset = RecordDataset(rec, train=False)
+
+    def epoch_labels(seed: int, epoch: int, workers: int = 0) -> list[int]:
+        loader = make_loader(dataset, 64, workers, shuffle=True, seed=seed, drop_last=True)
+        loader.sampler.set_epoch(epoch)
+        labels = []
+        for images, target in loader:
+            assert images.shape == (64, 3, 112, 112) and images.dtype == torch.uint8
+            labels += target.tolist()
+        return labels
+
+    first = epoch_labels(7, 0)
+    assert len(first) == 384  # 400 // 64 full batches
+    assert first == epoch_labels(7, 0)
+    assert first == epoch_labels(7, 0, workers=2)  # worker processes open the rec themselves
+    assert first != epoch_labels(7, 1) and first != epoch_labels(8, 0)
+    ordered = make_loader(dataset, 100, 0, shuffle=False, seed=0, drop_last=False)
+    assert torch.cat([t for _, t in ordered]).tolist() == dataset.labels.tolist()
+
+
+def test_dataset_survives_pickling_for_spawned_workers(att):
+    _, _, rec = att
+    dataset = RecordDataset(rec, train=False)
+    first = dataset[3]
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(clone[3][0], first[0]) and clone[3][1] == first[1]
+
+
+def test_undecodable_record_is_replaced_counted_and_bounded(tmp_path):
+    good = [encode_jpeg(np.full((112, 112, 3), v, np.uint8)) for v in (10, 200, 90)]
+    write_face_dataset(tmp_path, [(0, good[0]), (0, b"\xff\xd8 not a jpeg"), (1, good[1]), (1, good[2])])
+    dataset = RecordDataset(tmp_path, train=False, max_bad_fraction=0.5)
+    with pytest.warns(UserWarning, match="undecodable image .*train.rec key 2"):
+        image, label = dataset[1]
+    assert label == 1 and int(image[0, 0, 0]) in range(195, 206)  # the next record (key 3) stands in
+    assert dataset.bad_count == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        dataset[1]
+    assert dataset.bad_count == 2
+    with pytest.raises(UnitsfaceError, match="3 undecodable images exceed max_bad_fraction"):
+        dataset[1]
+    strict = RecordDataset(tmp_path, train=False)  # default 0.001 of 4 images: no bad image tolerated
+    with pytest.raises(UnitsfaceError, match="key 2"):
+        strict[1]
+
+
+def test_decode_formats_and_face_resizing():
+    grey = np.tile(np.arange(0, 240, 8, dtype=np.uint8), (20, 1))  # 20 x 30 ramp
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "JPEG", quality=95)
+    rgb = decode(buffer.getvalue())
+    assert rgb.shape == (20, 30, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    assert np.abs(rgb[..., 1].astype(int) - grey).mean() < 3
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PPM")  # a binary PNM (as PGM/PPM files are) goes through Pillow
+    assert np.array_equal(decode(buffer.getvalue())[..., 1], grey)
+    rgba = np.dstack([grey, grey // 2, 255 - grey, np.full_like(grey, 7)])
+    assert np.array_equal(decode(encode_png(rgba)), rgba[..., :3])  # PNG: lossless, alpha dropped
+    with pytest.raises(UnitsfaceError, match="cannot decode key 9"):
+        decode(b"\xff\xd8\xff garbage", "key 9")
+    wide = to_face_image(np.full((50, 200, 3), 255, np.uint8))  # scaled to 112 x 28, centred
+    assert wide.shape == (112, 112, 3)
+    assert wide[:41].max() == 0 and wide[43:69].min() == 255 and wide[71:].max() == 0

@@ -1,0 +1,368 @@
+"""Training on several processes: torchrun set-up, gradient conventions, sharded checkpoints.
+
+`torchrun --nproc_per_node=N -m unitsface train …` starts N copies of the trainer; `setup`
+joins them into one process group (NCCL on GPUs, gloo on CPUs) from torchrun's environment.
+A single process creates no group, and every function here is then a no-op.
+
+Gradient convention (`unitsface.parallel`, methods.md D1). Every rank's head returns the
+loss of the *global* batch, and the all-gather sends each rank the summed gradient of its
+own embeddings, so the gradient reaching the backbone is already the exact gradient of the
+global loss, only split across ranks by sample. Backbone gradients are therefore SUMMED
+across ranks (DDP with a sum comm hook; DDP's default averaging would divide by N). Head
+parameters split by class (`weight`, per-class `bias`) are owned by one rank and need no
+communication; replicated head parameters (a unified scalar bias) received on each rank only
+the contribution of that rank's class columns, so their gradients are summed too
+(`GradientSync`). Gradient clipping uses the norm of the full gradient, identical on every
+rank, so that clipping cannot desynchronise the replicas.
+
+Checkpoints (methods.md D6). With N > 1 every rank writes its class rows (head state and
+their optimiser state) to `<name>.shards/<generation>/rankR-of-N.pt`; rank 0 then writes
+`<name>` — the backbone, replicated state and a manifest of the shard files — by an atomic
+rename, which is the commit point: a crash before it leaves the previous checkpoint and its
+shard folder untouched. Loading re-shards by class range, so a checkpoint written by N ranks
+resumes on M. One process writes a single self-contained file, as before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from unitsface import parallel
+from unitsface.errors import UnitsfaceError
+from unitsface.training.checkpoint import atomic_save
+from unitsface.training.checkpoint import load_checkpoint as read_checkpoint
+
+SHARD_FORMAT = "unitsface-checkpoint-shard"
+_OWNS_GROUP = False  # True when `setup` created the process group (and `teardown` may destroy it)
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1), once; return this rank's device.
+
+    CUDA ranks each take the GPU `LOCAL_RANK` and talk over NCCL (gloo for CPU-side objects);
+    CPU ranks use gloo.
+    """
+    global _OWNS_GROUP
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not parallel.is_distributed():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        _OWNS_GROUP = True
+    return device
+
+
+def teardown() -> None:
+    """Leave the process group created by `setup` (not one created by the caller)."""
+    global _OWNS_GROUP
+    if _OWNS_GROUP and parallel.is_distributed():
+        dist.destroy_process_group()
+    _OWNS_GROUP = False
+
+
+def rank_seed(seed: int, step: int = 0) -> int:
+    """A seed distinct per (seed, step, rank), for the per-rank random streams."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + parallel.rank()) % 2**63
+
+
+def seed_rank(seed: int) -> None:
+    """Give each rank its own torch stream before the head is built, so that class shards are not
+    initialised with identical rows and Partial FC samples independently per shard (no-op in one process)."""
+    if parallel.world_size() > 1:
+        torch.manual_seed(rank_seed(seed))
+
+
+def auto_resume(out: Path, resume: str | Path | None) -> str | Path | None:
+    """`out/last.pt` when torchrun has restarted the workers (TORCHELASTIC_RESTART_COUNT > 0) and it
+    exists, else `resume`. Rank 0 decides, so every rank resumes from the same place."""
+    choice: list[Any] = [resume]
+    last = Path(out) / "last.pt"
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and last.is_file():
+        choice = [last]
+    if parallel.is_distributed():
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _sum_hook(state, bucket):  # noqa: ANN001 (DDP rejects string annotations, which `annotations` makes)
+    """DDP comm hook on a `dist.GradBucket`: all-reduce SUM, without DDP's division by the world size (D1)."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The backbone wrapped in DDP with summed gradients (the module itself in one process).
+
+    DDP broadcasts rank 0's weights at construction and its BatchNorm buffers before every
+    forward, so all replicas stay identical and rank 0's checkpoint speaks for all of them.
+    """
+    if not parallel.is_distributed():
+        return model
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=True)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def no_sync(model: nn.Module, skip: bool) -> AbstractContextManager:
+    """DDP's `no_sync()` on gradient-accumulation micro-steps (`skip`), else nothing."""
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else nullcontext()
+
+
+def grad_scaler(enabled: bool) -> torch.amp.GradScaler:
+    """fp16 loss scaling; across ranks the scaler agrees on skipping a step when any rank saw inf/NaN
+    (a rank skipping alone would desynchronise the backbone)."""
+    if enabled and parallel.is_distributed():
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler("cuda")
+    return torch.amp.GradScaler("cuda", enabled=enabled)
+
+
+def sharded_names(head: nn.Module) -> set[str]:
+    """Entries of `head.state_dict()` split by class: those whose first dimension is the shard's
+    class count (weight, per-class bias, memory, fill mask, prototypes, queues, ...). Replicated
+    state is scalar or (1,)-shaped by convention, which is unambiguous while a shard holds at least
+    two classes."""
+    rows = head.shard.size
+    if parallel.world_size() > 1 and rows < 2:
+        raise UnitsfaceError(
+            f"num_classes={head.num_classes} is too small for {parallel.world_size()} ranks: "
+            "every rank needs at least 2 classes"
+        )
+    return {name for name, t in head.state_dict().items() if t.dim() > 0 and t.shape[0] == rows}
+
+
+class GradientSync:
+    """Completes the gradients of one step before the optimiser uses them (see module docstring)."""
+
+    def __init__(self, backbone_params: Iterable[nn.Parameter], head: nn.Module) -> None:
+        names = sharded_names(head)
+        trained = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+        self.sharded = [p for n, p in trained if n in names]
+        self.head_replicated = [p for n, p in trained if n not in names]
+        self.replicated = [p for p in backbone_params if p.requires_grad] + self.head_replicated
+
+    def reduce_head(self) -> None:
+        """All-reduce SUM the replicated head gradients, in one collective. A parameter no rank
+        used keeps grad None (so SGD leaves it alone); otherwise missing gradients count as zero."""
+        params = self.head_replicated
+        if not parallel.is_distributed() or not params:
+            return
+        ref = params[0]
+        used = torch.tensor([float(p.grad is not None) for p in params], device=ref.device)
+        flat = torch.cat([used] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                   for p in params])
+        dist.all_reduce(flat)
+        offset = len(params)
+        for i, p in enumerate(params):
+            n = p.numel()
+            if flat[i] > 0:
+                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients so that the global 2-norm is at most `max_norm`, like
+        `torch.nn.utils.clip_grad_norm_` on the whole model; returns the norm before clipping."""
+        def squares(params: list[nn.Parameter]) -> list[torch.Tensor]:
+            grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                     for p in params if p.grad is not None]
+            return [torch.linalg.vector_norm(g.float()) ** 2 for g in grads]
+
+        replicated, sharded = squares(self.replicated), squares(self.sharded)
+        device = (replicated + sharded)[0].device if replicated + sharded else torch.device("cpu")
+        sharded_sq = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
+        if parallel.is_distributed():
+            dist.all_reduce(sharded_sq)
+        total_sq = sharded_sq + (torch.stack(replicated).sum() if replicated else 0.0)
+        total = total_sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in self.replicated + self.sharded:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        return total
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _positions(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """id(parameter) -> its index in `optimizer.state_dict()["state"]`."""
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    return {id(p): i for i, p in enumerate(order)}
+
+
+def _sharded_positions(head: nn.Module, optimizer: torch.optim.Optimizer, names: set[str]) -> dict[int, int]:
+    """Optimiser index -> class rows of that parameter, for the head's class-sharded parameters."""
+    positions = _positions(optimizer)
+    return {positions[id(p)]: p.shape[0] for n, p in head.named_parameters() if n in names and id(p) in positions}
+
+
+def _row_state(state: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
+    """The per-row entries of one parameter's optimiser state (momentum buffer, lazy row steps)."""
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows}
+
+
+def _split(state: dict[str, Any], head: nn.Module, optimizer: torch.optim.Optimizer
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(replicated part, this rank's class rows) of a trainer state with "head" and "optimizer"."""
+    names = sharded_names(head)
+    rows_at = _sharded_positions(head, optimizer, names)
+    opt = state["optimizer"]
+    rows_state = {pos: _row_state(opt["state"].get(pos, {}), rows) for pos, rows in rows_at.items()}
+    replicated_opt = {pos: {k: v for k, v in s.items() if k not in rows_state.get(pos, {})}
+                      for pos, s in opt["state"].items()}
+    main = dict(state, head={k: v for k, v in state["head"].items() if k not in names},
+                optimizer=dict(opt, state=replicated_opt))
+    shard = {"head": {k: state["head"][k] for k in names}, "optimizer": rows_state}
+    return main, shard
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, head: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> None:
+    """Write a trainer state (see module docstring); every rank must call it.
+
+    One process: `path` alone, atomically. N ranks: shard files, then the manifest file `path`.
+    """
+    path = Path(path)
+    shards_root = path.parent / f"{path.name}.shards"
+    if not parallel.is_distributed():
+        atomic_save(state, path)
+        shutil.rmtree(shards_root, ignore_errors=True)  # left by an earlier multi-rank run
+        return
+    main, shard = _split(state, head, optimizer)
+    token = [f"step{int(state['step']):09d}-{secrets.token_hex(4)}"]
+    dist.broadcast_object_list(token, src=0)
+    entry = write_shard(shards_root / token[0], head, shard, state["rng"])
+    entries: list[Any] = [None] * parallel.world_size()
+    dist.all_gather_object(entries, entry)
+    if parallel.is_main_process():
+        commit(path, main, entries, head.num_classes)
+    dist.barrier()
+
+
+def write_shard(folder: Path, head: nn.Module, shard: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+    """Write this rank's class rows atomically into `folder`; returns its manifest entry."""
+    r, world = parallel.rank(), parallel.world_size()
+    name = f"rank{r:05d}-of-{world:05d}.pt"
+    payload = {"format": SHARD_FORMAT, "rank": r, "world_size": world, "num_classes": head.num_classes,
+               "start": head.shard.start, "size": head.shard.size, "rng": rng, **shard}
+    atomic_save(payload, folder / name)
+    return {"file": f"{folder.name}/{name}", "rank": r, "start": head.shard.start, "size": head.shard.size,
+            "bytes": (folder / name).stat().st_size}
+
+
+def commit(path: Path, main: dict[str, Any], entries: list[dict[str, Any]], num_classes: int) -> None:
+    """Rank 0: write the manifest file `path` (the commit), then delete older shard generations."""
+    main = dict(main, shards={"world_size": len(entries), "num_classes": num_classes, "files": entries})
+    atomic_save(main, path)
+    root = path.parent / f"{path.name}.shards"
+    keep = {e["file"].split("/")[0] for e in entries}
+    for folder in root.iterdir():
+        if folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class _Piece:
+    """The class rows [start, start + size) of a checkpoint: head entries and optimiser row state."""
+
+    start: int
+    size: int
+    head: dict[str, torch.Tensor]
+    optimizer: dict[int, dict[str, torch.Tensor]]
+    rng: dict[str, Any] | None
+
+
+def _pieces(ckpt: dict[str, Any], path: Path, names: set[str], rows_at: dict[int, int],
+            want: tuple[int, int]) -> Iterator[_Piece]:
+    """The pieces of `ckpt` that overlap the class range `want`, in class order."""
+    num_classes = int(ckpt["meta"]["num_classes"])
+    manifest = ckpt.get("shards")
+    if manifest is None:  # a one-process checkpoint holds every row itself
+        missing = sorted(names - set(ckpt["head"]))
+        if missing:
+            raise UnitsfaceError(f"checkpoint {path} has no head entry {missing[0]!r}")
+        opt = ckpt["optimizer"]["state"]
+        yield _Piece(0, num_classes, {k: ckpt["head"][k] for k in names},
+                     {pos: _row_state(opt.get(pos, {}), num_classes) for pos in rows_at}, None)
+        return
+    expected = 0
+    for entry in manifest["files"]:
+        if entry["start"] != expected:
+            raise UnitsfaceError(f"checkpoint {path}: shard {entry['file']} starts at class {entry['start']}, "
+                                 f"expected {expected}")
+        expected += entry["size"]
+        if entry["start"] >= want[1] or entry["start"] + entry["size"] <= want[0]:
+            continue
+        file = path.parent / f"{path.name}.shards" / entry["file"]
+        if not file.is_file() or file.stat().st_size != entry["bytes"]:
+            raise UnitsfaceError(f"checkpoint {path}: shard file {file} is missing or incomplete")
+        shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        if shard.get("format") != SHARD_FORMAT or (shard["start"], shard["size"]) != (entry["start"], entry["size"]):
+            raise UnitsfaceError(f"checkpoint {path}: {file} is not the shard its manifest names")
+        missing = sorted(names - set(shard["head"]))
+        if missing:
+            raise UnitsfaceError(f"checkpoint shard {file} has no head entry {missing[0]!r}")
+        yield _Piece(shard["start"], shard["size"], shard["head"], shard["optimizer"], shard["rng"])
+    if expected != num_classes:
+        raise UnitsfaceError(f"checkpoint {path}: shards cover {expected} of {num_classes} classes")
+
+
+def _rows(pieces: list[_Piece], tensors: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of one tensor split over the pieces (`tensors[i]` from `pieces[i]`), as a new tensor."""
+    parts = [t[max(start, p.start) - p.start: min(end, p.start + p.size) - p.start] for p, t in zip(pieces, tensors)]
+    return torch.cat(parts).clone()
+
+
+def load_checkpoint(path: str | Path, head: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint written by any number of ranks, as this rank's trainer state: "head" and
+    "optimizer" hold this rank's class rows, ready for `load_state_dict`."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    if int(ckpt["meta"]["num_classes"]) != head.num_classes:
+        raise UnitsfaceError(
+            f"checkpoint has {ckpt['meta']['num_classes']} classes but the training data has {head.num_classes}"
+        )
+    names = sharded_names(head)
+    rows_at = _sharded_positions(head, optimizer, names)
+    start, end = head.shard.start, head.shard.end
+    pieces = list(_pieces(ckpt, path, names, rows_at, (start, end)))
+    ckpt["head"] = {**ckpt["head"], **{k: _rows(pieces, [p.head[k] for p in pieces], start, end) for k in names}}
+    opt_state = ckpt["optimizer"]["state"]
+    for pos in rows_at:
+        keys = set(pieces[0].optimizer.get(pos, {}))
+        if any(set(p.optimizer.get(pos, {})) != keys for p in pieces):
+            raise UnitsfaceError(f"checkpoint {path}: shards disagree on the optimiser state of parameter {pos}")
+        if keys:
+            rows = {k: _rows(pieces, [p.optimizer[pos][k] for p in pieces], start, end) for k in keys}
+            opt_state[pos] = {**opt_state.get(pos, {}), **rows}
+    manifest = ckpt.pop("shards", None)
+    same_layout = manifest is not None and manifest["world_size"] == parallel.world_size()
+    if same_layout:  # exact resume: this rank's own random streams
+        ckpt["rng"] = pieces[0].rng
+    elif parallel.world_size() > 1:  # re-sharded: fresh, distinct streams per rank
+        seed = rank_seed(int(ckpt["config"]["train"]["seed"]), int(ckpt["step"]))
+        ckpt["rng"] = dict(ckpt["rng"], torch=torch.Generator().manual_seed(seed).get_state())
+    return ckpt
