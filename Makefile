@@ -18,5 +18,6 @@ lint: install
 	$(PYTHON) -m ruff check unitsface tests bench
 
 test: install
+	bash scripts/install-browser.sh
 	$(PYTHON) -m ruff check unitsface tests bench
 	$(PYTHON) -m pytest -x -q --timeout=600 tests

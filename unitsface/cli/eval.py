@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.bin:
         raise UnitsfaceError("give at least one verification set: --bin FILE.bin [FILE.bin ...]")
     from unitsface.data.bins import load_bin
-    from unitsface.evaluation.report import format_table, write_report
+    from unitsface.evaluation.report import format_table, jsonable, write_report
     from unitsface.evaluation.verification import evaluate_pairs
 
     verifier = load_embedder(args)
@@ -82,17 +82,3 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(results))
     return 0
 
-
-def jsonable(value):
-    """numpy scalars/arrays and float dict keys (FAR targets) -> plain JSON types."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional, Union
+from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -56,6 +57,19 @@ def format_ijb_table(results: Mapping[str, dict], reading: str = "tar_at_far") -
         cells = [_pct(r[reading].get(t)) for t in targets] + [_pct(r["auc"]), r["mode"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nTAR (%) at FAR, reading: {reading}."
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """"m ± s" over seeds ("m" alone for one value)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _thin_for_plot(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
