@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from unitsface.data.images import IMAGE_EXTENSIONS, decode, to_face_image
-from unitsface.data.recordio import atomic_write
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_batches
 from unitsface.evaluation.verification import far_frr_at, l2_normalize, scores_from_pairs, threshold_at_far
 from unitsface.export.common import pixel_stats
+from unitsface.io import atomic_write
 from unitsface.models import INPUT_CONTRACT
 from unitsface.training.checkpoint import file_sha256
 

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from unitsface.data.recordio import atomic_write
+    from unitsface.io import atomic_write
     from unitsface.verifier import list_images, load_image
 
     out = Path(args.out)

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unitsface.data.recordio import atomic_write
 from unitsface.errors import UnitsfaceError
+from unitsface.io import atomic_write
 
 _ALLOWED_DTYPES = ("u1", "b1")
 

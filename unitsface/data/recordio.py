@@ -17,7 +17,6 @@ import io
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from unitsface.data.images import decode, encode_jpeg, image_size
 from unitsface.errors import UnitsfaceError
+from unitsface.io import atomic_write, temp_file
 
 MAGIC = 0xCED7230A
 _OLD_MAGIC = 0x3ED7230A  # early dmlc-core (2-bit flag); named in errors, never read
@@ -43,34 +43,6 @@ Label = Union[float, np.ndarray]
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _temp_file(path: Path, mode: str) -> tuple[Path, IO]:
-    """An open temp file beside `path`, with the permissions a plain `open` would give it.
-
-    mkstemp creates files readable by the owner only; datasets are shared between users.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    return Path(tmp), os.fdopen(fd, mode)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and `os.replace`.
-
-    Readers never see a half-written file, and an interrupted run leaves the old file.
-    """
-    path = Path(path)
-    tmp, handle = _temp_file(path, "wb")
-    try:
-        with handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def resolve_record_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -286,7 +258,7 @@ class IndexedRecordIO:
     def _open_writer(self) -> None:
         for path, mode in ((self.rec_path, "wb"), (self.idx_path, "w")):
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp[path] = _temp_file(path, mode)
+            self._tmp[path] = temp_file(path, mode)
         self._position = 0
 
     def write(self, key: int, data: bytes) -> None:

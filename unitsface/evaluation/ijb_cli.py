@@ -21,7 +21,8 @@ import numpy as np
 from unitsface.align import align_face
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.ijb import IJBMeta, evaluate_ijb, read_ijb_meta
-from unitsface.evaluation.report import _atomic_write, format_ijb_table, jsonable
+from unitsface.evaluation.report import format_ijb_table, jsonable
+from unitsface.io import atomic_open
 
 if TYPE_CHECKING:
     from unitsface.verifier import FaceVerifier
@@ -128,7 +129,8 @@ def save_features(path: str | Path, features: np.ndarray) -> Path:
     """Write the features .npy atomically: a run stopped midway leaves no truncated file."""
     path = Path(path)
     _check_writable(path)
-    _atomic_write(path, lambda fh: np.save(fh, features, allow_pickle=False), binary=True)
+    with atomic_open(path) as fh:
+        np.save(fh, features, allow_pickle=False)
     return path
 
 

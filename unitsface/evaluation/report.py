@@ -8,13 +8,13 @@ Plots use matplotlib's Agg canvas directly, so no global backend or pyplot state
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from unitsface.io import atomic_open, atomic_write
 
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
 _PLOT_POINTS = 2000
@@ -82,18 +82,6 @@ def _thin_for_plot(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.nda
     return fpr[idx], tpr[idx]
 
 
-def _atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Write through a temp file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot_roc(curves: Curves, path: Union[str, Path], title: str = "ROC") -> Path:
     """Overlay labelled ROC curves (label -> (fpr, tpr)) on a log-FAR axis and save a PNG atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -118,7 +106,8 @@ def plot_roc(curves: Curves, path: Union[str, Path], title: str = "ROC") -> Path
     ax.grid(True, which="both", ls=":", lw=0.5)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), binary=True)
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=120)
     return path
 
 
@@ -154,6 +143,6 @@ def write_report(
         parts.append("")
     plot_roc({n: (r["roc"]["fpr"], r["roc"]["tpr"]) for n, r in results.items()}, out / "roc.png")
     payload = json.dumps({"results": jsonable(results), "extra": jsonable(dict(extra or {}))}, indent=1)
-    _atomic_write(out / "metrics.json", lambda fh: fh.write(payload + "\n"))
-    _atomic_write(out / "report.md", lambda fh: fh.write("\n".join(parts)))
+    atomic_write(out / "metrics.json", payload + "\n")
+    atomic_write(out / "report.md", "\n".join(parts))
     return out / "report.md"

@@ -26,9 +26,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from unitsface.data.recordio import atomic_write
 from unitsface.errors import UnitsfaceError
 from unitsface.export.common import TOLERANCE, ExportReport, check_batches, compare, load_exportable
+from unitsface.io import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "data", "embedding"
 MARKER = "unitsface_format"  # metadata key present in every graph unitsface exported

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unitsface.data.recordio import atomic_write
 from unitsface.export.common import TOLERANCE, ExportReport, check_batches, compare, load_exportable
+from unitsface.io import atomic_write
 
 EXTRA_FILE = "unitsface.json"
 

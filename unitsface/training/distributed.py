@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
 from unitsface import parallel
@@ -65,7 +66,12 @@ def setup(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if world > 1 and not parallel.is_distributed():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world = next(rendezvous("env://", timeout=timeout))
+        # torchrun's agent keeps one store across worker restarts: without a namespace per attempt a
+        # restarted rank can read the address a dead peer left there and fail to connect.
+        store = dist.PrefixStore(f"unitsface/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         _OWNS_GROUP = True
     return device
 
