@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from head_helpers import make_head, step, tensor
 
 from unitsface.errors import UnitsfaceError
 from unitsface.heads import build
@@ -20,29 +21,9 @@ VARIANTS = {
 }
 
 
-def tensor(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
-
-
 @pytest.fixture(scope="module")
 def reference(reference_dir):
     return json.loads((reference_dir / "epl_losses.json").read_text())
-
-
-def make_head(name: str, weight: torch.Tensor, bank: torch.Tensor, epoch: int, **params):
-    head = build(name, weight.shape[0], weight.shape[1], **params)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.prototypes.copy_(bank)
-    head.set_epoch(epoch)
-    return head.train()
-
-
-def step(head, x: torch.Tensor, y: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    loss = head(x, y)
-    loss.backward()
-    return loss, x.grad
 
 
 def test_parity_with_reference(reference):

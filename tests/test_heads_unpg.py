@@ -7,33 +7,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from head_helpers import make_head, step, tensor
 
 from unitsface.errors import UnitsfaceError
 from unitsface.heads import build
 from unitsface.losses import functional as LF
 
 
-def tensor(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
-
-
 @pytest.fixture(scope="module")
 def reference(reference_dir):
     return json.loads((reference_dir / "unpg_losses.json").read_text())
-
-
-def make_head(name: str, weight: torch.Tensor, **params):
-    head = build(name, weight.shape[0], weight.shape[1], **params)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-    return head.train()
-
-
-def step(head, x: torch.Tensor, y: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    loss = head(x, y)
-    loss.backward()
-    return loss, x.grad
 
 
 def head_for_case(case: str, W: torch.Tensor, fallback: str):
