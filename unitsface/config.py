@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "tensorboard": False,
         "clamp_prelu": 0.01,
         "flip": True,
+        "sparse_update": False,  # Partial FC: optimiser touches only sampled class rows (lazy momentum/decay)
     },
     "output": "runs/unitsface",
 }
@@ -90,6 +91,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.tensorboard": (bool,),
     "train.clamp_prelu": (float, int, type(None)),
     "train.flip": (bool,),
+    "train.sparse_update": (bool,),
     "output": (str,),
 }
 

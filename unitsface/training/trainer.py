@@ -170,7 +170,7 @@ class Trainer:
 
         params = [p for p in list(self.model.parameters()) + list(self.head.parameters()) if p.requires_grad]
         self.params = params
-        lazy = [self.head.weight] if self.cfg.get("sparse_update", False) and hasattr(self.head, "weight") else []
+        lazy = [self.head.weight] if self.cfg["sparse_update"] and hasattr(self.head, "weight") else []
         self.optimizer = optim.SGD(params, lr=self.cfg["lr"], momentum=self.cfg["momentum"],
                                    weight_decay=self.cfg["weight_decay"], lazy=lazy)
         self.grad_sync = distributed.GradientSync(self.model.parameters(), self.head)

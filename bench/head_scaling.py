@@ -1,0 +1,247 @@
+"""Head scaling: time per step and peak memory of a head alone, by class count and rank count.
+
+One step is forward + backward + optimiser step (SGD, momentum 0.9, weight decay 5e-4) of the
+head on random B×d embeddings, B per rank. Each measurement runs in fresh processes (R gloo
+ranks on CPU, or NCCL ranks on GPUs) so that peak memory is its own: peak RSS growth from just
+before the head is built (CPU) or torch's peak allocation (CUDA), per rank, max over ranks.
+`update=sparse` reads the sampled class rows with a sparse gradient and updates only them, with
+momentum and weight decay of the other rows caught up lazily (`unitsface.optim`); `dense` is
+torch's SGD, whose Partial FC gradient spans all C rows. For heads with per-identity buffers
+(memory, prototypes) the loss is also computed with those buffers rounded to bf16 (the memory
+that storing them in bf16 would save, and its effect on the loss).
+
+Every measurement prints one line ending in a JSON object; ratio lines follow (also JSON).
+
+    python bench/head_scaling.py                      # C = 10k, 100k; 1 and 2 ranks (a few minutes)
+    python bench/head_scaling.py --classes 1000000 --heads cosface@0.1 --ranks 1
+    python bench/head_scaling.py --device cuda --classes 1000000 2000000 --ranks 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from unitsface import heads, optim, parallel  # noqa: E402
+from unitsface.training import distributed  # noqa: E402
+
+# insightface PartialFC_V2 + CosFace on this kind of machine (1 gloo rank, B=128, d=512, SGD with
+# momentum and weight decay), ms/step, from the issue: {sample_rate: {C: ms}}.
+ANCHOR_MS = {1.0: {10_000: 137, 100_000: 2300, 1_000_000: 27_900}, 0.1: {10_000: 32, 100_000: 440, 1_000_000: 5800}}
+
+
+def parse_head(spec: str) -> tuple[str, float]:
+    """"cosface@0.1" -> ("cosface", 0.1); "unitsface" -> ("unitsface", 1.0)."""
+    name, _, rate = spec.partition("@")
+    if name not in heads.names():
+        raise SystemExit(f"error: unknown head {name!r}; known: {', '.join(heads.names())}")
+    return name, float(rate) if rate else 1.0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def per_identity_buffers(head: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Float buffers split by class other than the trained weight: memory, prototypes, queues."""
+    names = distributed.sharded_names(head)
+    return {n: b for n, b in head.named_buffers() if n in names and b.is_floating_point()}
+
+
+def make_ready(head: torch.nn.Module) -> None:
+    """Put a memory head in its steady state: every slot filled, past its warm-up epochs."""
+    for _, buf in per_identity_buffers(head).items():
+        buf.normal_()
+    for name, buf in head.named_buffers():
+        if buf.dtype == torch.bool and buf.dim() == 1 and name in distributed.sharded_names(head):
+            buf.fill_(True)
+    head.set_epoch(100)
+
+
+def batch(step: int, classes: int, args: argparse.Namespace, device: torch.device
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's random embeddings and labels of one step."""
+    g = torch.Generator().manual_seed(1000 * step + parallel.rank())
+    x = torch.randn(args.batch, args.dim, generator=g).to(device).requires_grad_()
+    return x, torch.randint(0, classes, (args.batch,), generator=g).to(device)
+
+
+def bf16_state_effect(head: torch.nn.Module, args: argparse.Namespace, device: torch.device
+                      ) -> dict[str, Any]:
+    """Loss on one batch with the per-identity buffers as they are and rounded to bf16."""
+    buffers = per_identity_buffers(head)
+    if not buffers:
+        return {}
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    losses = []
+    for rounded in (False, True):
+        head.load_state_dict(saved)
+        if rounded:
+            for buf in buffers.values():
+                buf.copy_(buf.to(torch.bfloat16).float())
+        torch.manual_seed(12345)  # the same Partial FC sample both times
+        x, labels = batch(10_000, head.num_classes, args, device)
+        with torch.no_grad():
+            losses.append(float(head(x, labels)))
+    head.load_state_dict(saved)
+    saved_mb = sum(b.numel() * 2 for b in buffers.values()) / 2**20
+    return {"bf16_state_saves_mb_per_rank": round(saved_mb, 1), "loss_fp32_state": losses[0],
+            "loss_bf16_state": losses[1], "bf16_loss_rel_change": abs(losses[1] - losses[0]) / abs(losses[0])}
+
+
+def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement on this rank (inside the process group, if any)."""
+    device = torch.device(args.device, parallel.rank()) if args.device == "cuda" else torch.device("cpu")
+    base = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    torch.manual_seed(parallel.rank())
+    head = heads.build(spec["head"], spec["classes"], args.dim, sample_rate=spec["sample_rate"]).to(device).train()
+    make_ready(head)
+    sparse = spec["update"] == "sparse"
+    opt = optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, lazy=[head.weight] if sparse else [])
+    sync = distributed.GradientSync([], head)
+    losses, times = [], []
+    for step in range(args.warmup + args.steps):
+        x, labels = batch(step, spec["classes"], args, device)
+        if parallel.is_distributed():
+            dist.barrier()
+        start = time.perf_counter()
+        loss = head(x, labels)
+        loss.backward()
+        sync.reduce_head()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    opt.catch_up()
+    measured = times[args.warmup:]
+    return {"ms_per_step": 1000 * sorted(measured)[len(measured) // 2], "peak_mb_per_rank": peak / 2**20,
+            "loss": sum(losses[args.warmup:]) / args.steps, **bf16_state_effect(head, args, device)}
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, spec: dict[str, Any], out: str) -> None:
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = measure(args, spec)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(worker, args=(spec["ranks"], free_port(), args, spec, out), nprocs=spec["ranks"])
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(spec["ranks"])]
+    result = dict(spec, batch_per_rank=args.batch, dim=args.dim, device=args.device, threads_per_rank=args.threads)
+    result.update(ranks[0])
+    result["ms_per_step"] = max(r["ms_per_step"] for r in ranks)
+    result["peak_mb_per_rank"] = max(r["peak_mb_per_rank"] for r in ranks)
+    return {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()}
+
+
+def emit(text: str, record: dict[str, Any]) -> None:
+    print(f"{text} {json.dumps(record)}", flush=True)
+
+
+def ratios(results: list[dict[str, Any]]) -> None:
+    """unitsface/cosface time, 1-rank/2-rank memory, dense/sparse time, ours vs the insightface anchor."""
+    def find(**key: Any) -> dict[str, Any] | None:
+        return next((r for r in results if all(r[k] == v for k, v in key.items())), None)
+
+    for r in results:
+        c, n = r["classes"], r["ranks"]
+        if r["head"] == "unitsface" and r["sample_rate"] == 1.0:
+            cos = find(head="cosface", sample_rate=1.0, classes=c, ranks=n, update="dense")
+            if cos:
+                ratio = r["ms_per_step"] / cos["ms_per_step"]
+                emit(f"ratio unitsface/cosface time C={c} ranks={n}: {ratio:.2f} (aim <= 1.6)",
+                     {"ratio": "unitsface/cosface_time", "classes": c, "ranks": n, "value": round(ratio, 3)})
+        if n == 1:
+            two = find(head=r["head"], sample_rate=r["sample_rate"], classes=c, ranks=2, update=r["update"])
+            if two:
+                ratio = r["peak_mb_per_rank"] / max(two["peak_mb_per_rank"], 1e-9)
+                emit(f"ratio memory 1 rank/2 ranks {r['head']}@{r['sample_rate']} {r['update']} C={c}: {ratio:.2f} "
+                     "(aim ~2)", {"ratio": "memory_1rank/2ranks", "head": r["head"], "sample_rate": r["sample_rate"],
+                                  "update": r["update"], "classes": c, "value": round(ratio, 3)})
+        if r["update"] == "sparse":
+            dense = find(head=r["head"], sample_rate=r["sample_rate"], classes=c, ranks=n, update="dense")
+            if dense:
+                ratio = dense["ms_per_step"] / r["ms_per_step"]
+                emit(f"ratio dense/sparse time {r['head']}@{r['sample_rate']} C={c} ranks={n}: {ratio:.2f} "
+                     "(aim >= 3 at 1M, rate 0.1)", {"ratio": "dense/sparse_time", "head": r["head"],
+                                                    "sample_rate": r["sample_rate"], "classes": c, "ranks": n,
+                                                    "value": round(ratio, 3)})
+        anchor = ANCHOR_MS.get(r["sample_rate"], {}).get(c)
+        if r["head"] == "cosface" and n == 1 and anchor and r["device"] == "cpu":
+            ratio = anchor / r["ms_per_step"]
+            emit(f"ratio insightface-anchor/ours cosface@{r['sample_rate']} {r['update']} C={c}: {ratio:.2f}",
+                 {"ratio": "anchor/ours_time", "sample_rate": r["sample_rate"], "update": r["update"], "classes": c,
+                  "anchor_ms": anchor, "value": round(ratio, 3)})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--heads", nargs="+", default=["cosface", "unitsface", "cosface@0.1"],
+                        help="head names, NAME@RATE for Partial FC sampling")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--updates", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
+                        help="sparse runs only for sampled heads (rate < 1)")
+    parser.add_argument("--batch", type=int, default=128, help="per rank")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    results = []
+    for classes in args.classes:
+        for spec_text in args.heads:
+            name, rate = parse_head(spec_text)
+            for ranks in args.ranks:
+                for update in args.updates:
+                    if update == "sparse" and rate == 1.0:
+                        continue
+                    spec = {"head": name, "sample_rate": rate, "classes": classes, "ranks": ranks, "update": update}
+                    r = run(args, spec)
+                    results.append(r)
+                    emit(f"head_scaling {name}@{rate} C={classes} ranks={ranks} update={update}: "
+                         f"{r['ms_per_step']:.1f} ms/step, peak {r['peak_mb_per_rank']:.0f} MB/rank", r)
+    ratios(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
