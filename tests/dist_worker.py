@@ -108,9 +108,13 @@ def heads_task(infile: str, outdir: str) -> None:
 
 
 def sampling_task(outdir: str, num_classes: int, rate: float) -> None:
-    """Partial FC on 2 ranks: the columns each shard keeps for a global batch."""
+    """Partial FC on 2 ranks: the columns each shard keeps for a global batch, for the weight and the
+    (full, active) memory of the unitsface head, and the memory rows the step writes."""
     torch.manual_seed(parallel.rank())
-    head = heads.build("cosface", num_classes, 8, sample_rate=rate).train()
+    head = heads.build("unitsface", num_classes, 8, sample_rate=rate, warmup_epochs=0, min_fill=0.0).train()
+    head.memory.normal_()
+    head.filled.fill_(True)
+    memory = head.memory.clone()
     kept: list[torch.Tensor] = []
     original = head.sampled_columns
 
@@ -125,8 +129,10 @@ def sampling_task(outdir: str, num_classes: int, rate: float) -> None:
     n, r = 6, parallel.rank()
     loss = head(x[r * n:(r + 1) * n], labels[r * n:(r + 1) * n])
     loss.backward()
-    torch.save({"columns": kept[0], "labels": labels, "start": head.shard.start, "size": head.shard.size,
-                "loss": loss.detach(), "grad_rows": (head.weight.grad.abs().sum(1) > 0).nonzero().flatten()},
+    torch.save({"columns": kept[0], "draws": len(kept), "labels": labels, "start": head.shard.start,
+                "size": head.shard.size, "loss": loss.detach(), "bias": head.bias.detach(),
+                "grad_rows": (head.weight.grad.abs().sum(1) > 0).nonzero().flatten(),
+                "written": (head.memory != memory).any(1).nonzero().flatten()},
                Path(outdir) / f"sampling{r}.pt")
 
 

@@ -29,7 +29,7 @@ from unitsface.training import distributed, trainer
 C, D, B_LOCAL, WORLD = 11, 16, 8, 2  # uneven shards (6 + 5 classes); D differs from any shard size
 EPOCHS = (0, 1, 3, 4)  # step k runs at epoch EPOCHS[k]: memories fill at 0, USS starts at 1, EPL at 3
 PARAMS = {"vpl": {"start_iter": 1}}  # heads whose defaults would keep their extra term off in 4 steps
-SAMPLED_CLASSES, SAMPLE_RATE = 40, 0.25  # the Partial FC run on 2 ranks
+SAMPLED_CLASSES, SAMPLE_RATE = 100, 0.25  # the Partial FC run on 2 ranks: 13 of 50 columns per shard
 DEVICE = dist_worker.DEVICE
 
 
@@ -160,17 +160,24 @@ def test_heads_under_test_are_every_registered_head(runs: dict) -> None:
 
 
 def test_partial_fc_keeps_every_positive_of_the_global_batch(runs: dict) -> None:
-    losses = []
+    """unitsface at rate 0.25: each shard draws its own sample once for weight and memory, keeps the
+    positives of the whole global batch, writes the memory rows of exactly those classes, and every
+    rank gets the same loss and the same data-driven USS bias (a b0 over both shards' samples)."""
+    losses, biases = [], []
     for r in range(WORLD):
         got = torch.load(runs["root"] / f"sampling{r}.pt", weights_only=True)
         lo, size = got["start"], got["size"]
         positives = {int(y) - lo for y in got["labels"] if lo <= int(y) < lo + size}
         columns = set(got["columns"].tolist())
+        assert got["draws"] == 1  # one sample for `weight` and `memory` alike
         assert positives <= columns  # positives of the other rank's samples too
         assert len(columns) == max(round(SAMPLE_RATE * size), len(positives))
         assert set(got["grad_rows"].tolist()) <= columns  # dense gradient: zero outside the sample
+        assert set(got["written"].tolist()) == positives  # the real rows of the global batch's classes
         losses.append(float(got["loss"]))
+        biases.append(float(got["bias"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # one global loss
+    assert biases[0] == pytest.approx(biases[1], rel=1e-6) and biases[0] > 0  # one b0, initialised
 
 
 def sgd_pair(lazy: bool, w0: torch.Tensor) -> tuple[torch.nn.Parameter, optim.SGD]:

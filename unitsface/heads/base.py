@@ -6,13 +6,16 @@ loss. It owns per-identity state for its class shard (`unitsface.parallel.ClassS
 process the shard is the whole class range, so `weight` is C×d.
 
 Subclasses implement `compute_loss(x, labels)`, where `x` (B_g×d, raw embeddings) and
-`labels` (B_g, global class ids) are the global batch of this step.
+`labels` (B_g, global class ids) are the global batch of this step. With Partial FC
+(`sample_rate` < 1) they read every per-class state through one `ColumnSample` per step
+(`Head.columns_for`), and write buffers at the real rows (`write_rows`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,14 +59,36 @@ def build(name: str, num_classes: int, embedding_size: int, **params: Any) -> nn
         raise UnitsfaceError(f"head {name!r}: {exc}") from None
 
 
-class Head(nn.Module):
-    """Common machinery: shard bookkeeping, label validation, the global batch, epochs."""
+@dataclass(frozen=True)
+class ColumnSample:
+    """The columns of the class shard that one forward call uses.
 
-    def __init__(self, num_classes: int, embedding_size: int) -> None:
+    `labels` index the kept columns (-1: the class lives on another shard); `columns` are the
+    sorted kept shard rows, None when every row is kept. Writes to per-identity buffers use the
+    real rows (`ClassShard.local_labels`), never these.
+    """
+
+    labels: torch.Tensor
+    columns: torch.Tensor | None
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The kept rows of per-class state (C_r×…), `rows` itself when all are kept. `read_rows`:
+        plain indexing, or for a lazily updated weight its catch-up and sparse gradient."""
+        return rows if self.columns is None else read_rows(rows, self.columns)
+
+
+class Head(nn.Module):
+    """Common machinery: shard bookkeeping, label validation, the global batch, epochs, and the
+    Partial FC column sample (`sample_rate`) shared by every per-identity state of a head."""
+
+    def __init__(self, num_classes: int, embedding_size: int, sample_rate: float = 1.0) -> None:
         super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.shard = ClassShard.for_rank(self.num_classes)
+        self.sample_rate = float(sample_rate)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,6 +115,31 @@ class Head(nn.Module):
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def sampled_columns(self, local_labels: torch.Tensor) -> torch.Tensor | None:
+        """Sorted indices of this step's kept columns, or None when every column is kept."""
+        size = self.shard.size
+        keep = max(1, int(round(self.sample_rate * size)))
+        if not self.training or keep >= size:
+            return None
+        positives = torch.unique(local_labels[local_labels >= 0])
+        keys = torch.rand(size, device=local_labels.device)
+        keys[positives] = 2.0  # positives always survive the top-k
+        keep = max(keep, positives.numel())
+        return torch.topk(keys, keep).indices.sort().values
+
+    def columns_for(self, labels: torch.Tensor) -> ColumnSample:
+        """This step's Partial FC columns of the shard for the global `labels` (methods.md §1.0, §3.2).
+
+        Drawn once per forward call and read through by every per-identity state of the head, so
+        that `weight`, `memory`, `prototypes` and per-class `bias` see the same columns.
+        """
+        local = self.shard.local_labels(labels)
+        columns = self.sampled_columns(local)
+        if columns is None:
+            return ColumnSample(local, None)
+        remapped = torch.searchsorted(columns, local.clamp(min=0))
+        return ColumnSample(torch.where(local >= 0, remapped, torch.full_like(local, -1)), columns)
 
 
 def init_class_rows(rows: int, embedding_size: int, init: str = "normal") -> torch.Tensor:
@@ -124,37 +174,16 @@ class ClassifierHead(Head):
     def __init__(
         self, num_classes: int, embedding_size: int, weight_init: str = "normal", sample_rate: float = 1.0
     ) -> None:
-        super().__init__(num_classes, embedding_size)
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.sample_rate = float(sample_rate)
+        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
         self.weight = nn.Parameter(init_class_rows(self.shard.size, embedding_size, weight_init))
-
-    def sampled_columns(self, local_labels: torch.Tensor) -> torch.Tensor | None:
-        """Sorted indices of this step's kept columns, or None when every column is kept."""
-        size = self.shard.size
-        keep = max(1, int(round(self.sample_rate * size)))
-        if not self.training or keep >= size:
-            return None
-        positives = torch.unique(local_labels[local_labels >= 0])
-        keys = torch.rand(size, device=local_labels.device)
-        keys[positives] = 2.0  # positives always survive the top-k
-        keep = max(keep, positives.numel())
-        return torch.topk(keys, keep).indices.sort().values
 
     def class_rows(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(proxies used this step, labels local to them, kept columns or None).
 
         Local labels index the returned rows (-1 for classes on other shards).
         """
-        local = self.shard.local_labels(labels)
-        columns = self.sampled_columns(local)
-        if columns is None:
-            return self.weight, local, None
-        remapped = torch.searchsorted(columns, local.clamp(min=0))
-        remapped = torch.where(local >= 0, remapped, torch.full_like(local, -1))
-        # read_rows: plain indexing, or the lazy (sparse) update's catch-up and sparse gradient.
-        return read_rows(self.weight, columns), remapped, columns
+        sample = self.columns_for(labels)
+        return sample.take(self.weight), sample.labels, sample.columns
 
     def class_cosine(
         self, x: torch.Tensor, labels: torch.Tensor

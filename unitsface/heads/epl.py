@@ -65,13 +65,13 @@ class PrototypeHead(ClassifierHead):
         raise NotImplementedError
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, local, columns = self.class_cosine(x, labels)
+        sample = self.columns_for(labels)  # one Partial FC draw for `weight` and `prototypes` alike
+        cos, local = LF.cosine(x, sample.take(self.weight)), sample.labels
         if self.training and self.update == "before_loss":
-            self.update_prototypes(x, labels)
+            self.update_prototypes(x, labels)  # the real rows, sampled or not
         loss = self.classifier_loss(cos, local)
         if self.epoch >= self.start_epoch:
-            bank = self.prototypes if columns is None else self.prototypes[columns]
-            v = LF.adaptive_prototype_margin(LF.cosine(x, bank), local, self.k)
+            v = LF.adaptive_prototype_margin(LF.cosine(x, sample.take(self.prototypes)), local, self.k)
             ep = self.prototype_loss(v, local)
             loss = 0.5 * (loss + ep) if self.stack_weight == "half" else loss + ep
         if self.training and self.update == "after_loss":

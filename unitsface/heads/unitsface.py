@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from unitsface.heads.base import ClassifierHead, Head, register, write_rows
+from unitsface.heads.base import ClassifierHead, ColumnSample, Head, register, write_rows
 from unitsface.heads.uniface import BiasThresholds, clamp_mode
 from unitsface.losses import functional as LF
 from unitsface.parallel import sum_over_shards
@@ -28,27 +28,28 @@ class IdentityMemory(Head):
     Each forward call reads the memory as it was before the call, then writes the batch's
     detached raw features (last occurrence of a label wins), in training mode only. Autograd
     keeps normalised copies of the rows and a copy of the mask, so writing the buffers before
-    backward() is safe.
+    backward() is safe. With `sample_rate` < 1 the loss reads only this step's Partial FC
+    columns (positives always among them, §2.8 [unverified]); the writes still reach every
+    label of the batch.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int) -> None:
-        super().__init__(num_classes, embedding_size)
+    def __init__(self, num_classes: int, embedding_size: int, sample_rate: float = 1.0) -> None:
+        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
         self.register_buffer("memory", torch.zeros(self.shard.size, embedding_size))
         self.register_buffer("filled", torch.zeros(self.shard.size, dtype=torch.bool))
 
-    def memory_cosine(
-        self, x: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(fp32 cosines against this shard's slots, local labels, the fill mask before this call).
+    def memory_cosine(self, x: torch.Tensor, sample: ColumnSample) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 cosines against the step's memory columns, their fill mask before this call).
 
         The mask is a copy: the loss's backward needs it after `remember` has updated `filled`.
         """
-        return LF.cosine(x, self.memory), self.shard.local_labels(labels), self.filled.clone()
+        return LF.cosine(x, sample.take(self.memory)), sample.take(self.filled).clone()
 
-    def remember(self, x: torch.Tensor, local_labels: torch.Tensor) -> None:
-        """Write-after-loss: M[y_i] <- sg(x_i) for this shard's labels, training mode only."""
+    def remember(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write-after-loss: M[y_i] <- sg(x_i) for this shard's (global) labels, training mode only;
+        always the real rows, sampled or not."""
         if self.training:
-            slots = write_rows(self.memory, local_labels, x.detach())
+            slots = write_rows(self.memory, self.shard.local_labels(labels), x.detach())
             self.filled[slots] = True
 
     def filled_fraction(self) -> float:
@@ -78,26 +79,27 @@ class MemoryThresholdHead(BiasThresholds, IdentityMemory):
         and a zero one leaves b (still 0 before initialisation) and its optimizer state unmoved."""
         return self.bias.sum() * 0.0
 
-    def threshold_loss(
-        self, cos: torch.Tensor, local_labels: torch.Tensor, filled: torch.Tensor, s: float, m: float,
-        clamp: bool,
-    ) -> torch.Tensor:
-        """The threshold-BCE loss against the memory, unfilled slots masked (§2.1, §2.2, §2.4)."""
+    def threshold_loss(self, x: torch.Tensor, sample: ColumnSample, s: float, m: float, clamp: bool
+                       ) -> torch.Tensor:
+        """The threshold-BCE loss against the step's memory columns, unfilled slots masked (§2.1,
+        §2.2, §2.4). The data-driven b0 sums the same columns, so with Partial FC it is adjusted to
+        the sampled count (≈ log r lower), as UniFace's log(10·C·r) is (§2.8, §3.2)."""
+        cos, filled = self.memory_cosine(x, sample)
         if not bool(self.bias_initialised):
-            b0 = LF.unified_bias_init(cos, local_labels, s, filled) if self.training else None
+            b0 = LF.unified_bias_init(cos, sample.labels, s, filled) if self.training else None
             if b0 is None:  # no filled negative yet: the loss cannot start
                 return cos.sum() * 0.0 + self.unused_bias()
             with torch.no_grad():
                 # b is still exactly its start value 0: until now its loss term was this zero.
                 self.bias.add_(b0)
             self.bias_initialised.fill_(True)
-        return LF.threshold_bce_loss(cos, local_labels, self.bias, s, m, clamp=clamp, valid_columns=filled)
+        bias = self.bias if self.bias.numel() == 1 else sample.take(self.bias)
+        return LF.threshold_bce_loss(cos, sample.labels, bias, s, m, clamp=clamp, valid_columns=filled)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The standalone sample-to-sample loss: memory, bias, then write-after-loss."""
-        cos, local, filled = self.memory_cosine(x, labels)
-        loss = self.threshold_loss(cos, local, filled, self.s, self.m, self.clamp)
-        self.remember(x, local)
+        loss = self.threshold_loss(x, self.columns_for(labels), self.s, self.m, self.clamp)
+        self.remember(x, labels)
         return loss
 
 
@@ -105,14 +107,16 @@ class MemoryThresholdHead(BiasThresholds, IdentityMemory):
 class SampleSoftmaxHead(IdentityMemory):
     """Sample-to-sample softmax over the memory, s=64, m=0.1; unfilled slots masked (§2.3)."""
 
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1) -> None:
-        super().__init__(num_classes, embedding_size)
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
+                 sample_rate: float = 1.0) -> None:
+        super().__init__(num_classes, embedding_size, sample_rate)
         self.s, self.m = float(s), float(m)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, local, filled = self.memory_cosine(x, labels)
-        loss = LF.sample_softmax_loss(cos, local, self.s, self.m, filled)
-        self.remember(x, local)
+        sample = self.columns_for(labels)
+        cos, filled = self.memory_cosine(x, sample)
+        loss = LF.sample_softmax_loss(cos, sample.labels, self.s, self.m, filled)
+        self.remember(x, labels)
         return loss
 
 
@@ -121,19 +125,20 @@ class USSHead(MemoryThresholdHead):
     """USS: unified-threshold sample-to-sample loss, one scalar b, s=64, m=0.1 (§2.2); t = b/s."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
-                 bias_init: float | None = None, clamp: bool | str = False) -> None:
-        super().__init__(num_classes, embedding_size)
+                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0) -> None:
+        super().__init__(num_classes, embedding_size, sample_rate)
         self.s, self.m, self.clamp = float(s), float(m), clamp_mode(clamp)
         self.init_threshold_bias(per_class=False, bias_init=bias_init)
 
 
 @register("ss_bce")
 class SampleBCEHead(MemoryThresholdHead):
-    """Sample-to-sample BCE with one bias per class, sharded with the memory (§2.4); t_j = b_j/s."""
+    """Sample-to-sample BCE with one bias per class, sharded (and sampled) with the memory (§2.4);
+    t_j = b_j/s."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
-                 bias_init: float | None = None, clamp: bool | str = False) -> None:
-        super().__init__(num_classes, embedding_size)
+                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0) -> None:
+        super().__init__(num_classes, embedding_size, sample_rate)
         self.s, self.m, self.clamp = float(s), float(m), clamp_mode(clamp)
         self.init_threshold_bias(per_class=True, bias_init=bias_init)
 
@@ -146,7 +151,8 @@ class UniTSFaceHead(ClassifierHead, MemoryThresholdHead):
     memory reaches `min_fill` (iteration-based schedules), whichever is later. Before that
     the loss is CosFace alone; the memory is written from the first training step. Once
     active, L = weights[0]·CosFace + weights[1]·USS: the code's plain sum by default, (0, 1)
-    for USS alone after the warm-up (the code's combine=False). `threshold` = b/s.
+    for USS alone after the warm-up (the code's combine=False). `threshold` = b/s. With
+    `sample_rate` < 1 both terms read one Partial FC sample of the columns of `weight` and `memory`.
     """
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m_class: float = 0.4,
@@ -169,12 +175,12 @@ class UniTSFaceHead(ClassifierHead, MemoryThresholdHead):
         return self.epoch >= self.warmup_epochs and self.filled_fraction() >= self.min_fill
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, local, _ = self.class_cosine(x, labels)
-        loss = LF.cosface_loss(cos, local, self.s, self.m_class)
+        sample = self.columns_for(labels)  # one Partial FC draw for `weight` and `memory` alike
+        loss = LF.cosface_loss(LF.cosine(x, sample.take(self.weight)), sample.labels, self.s, self.m_class)
         if self.sample_to_sample_active():
-            uss = self.threshold_loss(*self.memory_cosine(x, labels), self.s, self.m_sample, self.clamp)
+            uss = self.threshold_loss(x, sample, self.s, self.m_sample, self.clamp)
             loss = self.weights[0] * loss + self.weights[1] * uss
         else:
             loss = loss + self.unused_bias()
-        self.remember(x, self.shard.local_labels(labels))  # memory columns are never sampled
+        self.remember(x, labels)
         return loss

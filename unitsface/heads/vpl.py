@@ -51,15 +51,14 @@ class VPLHead(ClassifierHead):
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.iteration += 1
-        rows, local, columns = self.class_rows(labels)
-        queue, written = (self.queue, self.queue_iters) if columns is None else (
-            self.queue[columns], self.queue_iters[columns])
-        lam = self.mixing_weights(written).unsqueeze(1)
-        cos = LF.cosine(x, (1.0 - lam) * LF.normalize(rows) + lam * queue)  # cosine normalises the mix
+        sample = self.columns_for(labels)  # one Partial FC draw for `weight` and the queue alike
+        lam = self.mixing_weights(sample.take(self.queue_iters)).unsqueeze(1)
+        mixed = (1.0 - lam) * LF.normalize(sample.take(self.weight)) + lam * sample.take(self.queue)
+        cos = LF.cosine(x, mixed)  # cosine normalises the mix
         if self.base == "arcface":
-            loss = LF.arcface_loss(cos, local, self.s, self.m, self.gradient, self.fallback)
+            loss = LF.arcface_loss(cos, sample.labels, self.s, self.m, self.gradient, self.fallback)
         else:
-            loss = LF.cosface_loss(cos, local, self.s, self.m)
+            loss = LF.cosface_loss(cos, sample.labels, self.s, self.m)
         if self.training:
             slots = write_rows(self.queue, self.shard.local_labels(labels), LF.normalize(x.detach()))
             self.queue_iters[slots] = self.iteration
