@@ -76,9 +76,8 @@ def test_loader_batches_and_seeded_epoch_shuffling(att):
     _, _, rec = att
     dataset = RecordDataset(rec, train=False)
 
-    def epoch_labels(seed: int, epoch: int, workers: int = 0) -> list[int]:
-        loader = make_loader(dataset, 64, workers, shuffle=True, seed=seed, drop_last=True)
-        loader.sampler.set_epoch(epoch)
+    def epoch_labels(seed: int, epoch: int, workers: int = 0, start_batch: int = 0) -> list[int]:
+        loader = make_loader(dataset, 64, workers, seed, epoch, start_batch=start_batch)
         labels = []
         for images, target in loader:
             assert images.shape == (64, 3, 112, 112) and images.dtype == torch.uint8
@@ -90,7 +89,8 @@ def test_loader_batches_and_seeded_epoch_shuffling(att):
     assert first == epoch_labels(7, 0)
     assert first == epoch_labels(7, 0, workers=2)  # worker processes open the rec themselves
     assert first != epoch_labels(7, 1) and first != epoch_labels(8, 0)
-    ordered = make_loader(dataset, 100, 0, shuffle=False, seed=0, drop_last=False)
+    assert epoch_labels(7, 0, start_batch=2) == first[128:]  # a resumed epoch skips what was consumed
+    ordered = make_loader(dataset, 100, 0, seed=0, epoch=0, shuffle=False)
     assert torch.cat([t for _, t in ordered]).tolist() == dataset.labels.tolist()
 
 

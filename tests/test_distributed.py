@@ -23,6 +23,7 @@ import torch
 
 from unitsface import heads, optim, parallel
 from unitsface.config import load_config
+from unitsface.data.dataset import EpochSampler
 from unitsface.errors import UnitsfaceError
 from unitsface.training import distributed, trainer
 
@@ -293,14 +294,14 @@ def test_clipping_uses_the_norm_of_the_whole_gradient() -> None:
 
 
 def test_global_batches_and_flips_do_not_depend_on_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    one = trainer.EpochSampler(50, seed=1, epoch=2, batch_size=8).indices()
+    one = EpochSampler(50, seed=1, epoch=2, batch_size=8).indices()
     images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
     flipped_one = trainer.flip_batch(images, torch.Generator().manual_seed(5))
     per_rank, flipped = [], []
     for r in range(2):
         monkeypatch.setattr(parallel, "world_size", lambda: 2)
         monkeypatch.setattr(parallel, "rank", lambda r=r: r)
-        per_rank.append(trainer.EpochSampler(50, seed=1, epoch=2, batch_size=4).indices())
+        per_rank.append(EpochSampler(50, seed=1, epoch=2, batch_size=4).indices())
         flipped.append(trainer.flip_batch(images[4 * r:4 * r + 4], torch.Generator().manual_seed(5)))
     assert len(per_rank[0]) == len(per_rank[1]) == len(one) // 2 == 24
     for k in range(len(one) // 8):  # the k-th global batch: rank 0's block then rank 1's

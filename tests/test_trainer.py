@@ -10,9 +10,10 @@ import torch
 
 from unitsface.cli import main
 from unitsface.config import load_config
+from unitsface.data.dataset import normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.training.checkpoint import load_checkpoint
-from unitsface.training.trainer import Trainer, flip_batch, normalize_images
+from unitsface.training.trainer import Trainer, flip_batch
 
 TINY = [
     "data.synthetic.identities=16",
@@ -90,7 +91,7 @@ def test_gradient_accumulation_divides_each_micro_loss(cache, tmp_path):
     t.micro_step(images, labels, torch.Generator().manual_seed(0))
     accumulated = t.head.weight.grad.clone()
     t.optimizer.zero_grad()
-    x = normalize_images(flip_batch(images, torch.Generator().manual_seed(0)))
+    x = normalize_batch(flip_batch(images, torch.Generator().manual_seed(0)))
     t.head(t.model(x), labels).backward()
     torch.testing.assert_close(accumulated * 2, t.head.weight.grad, rtol=1e-5, atol=1e-7)
 

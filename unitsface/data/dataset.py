@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from unitsface import parallel
 from unitsface.data.images import FACE_SIZE, decode, list_image_folder, to_face_image
 from unitsface.data.recordio import IndexedRecordIO, resolve_record_paths, scan_dataset, unpack
 from unitsface.errors import UnitsfaceError
@@ -133,31 +134,55 @@ def collate_faces(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor
     return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    workers: int,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool,
-    distributed: bool = False,
-) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch): call `loader.sampler.set_epoch(e)`.
+class EpochSampler(Sampler[int]):
+    """A permutation fixed by (seed, epoch), dealt to the ranks batch by batch, starting at `start`.
 
-    The sampler is always a `DistributedSampler` (one replica when not distributed), so
-    single- and multi-process runs shuffle by the same rule (permutation seeded with
-    seed + epoch). Worker RNGs (flip decisions) derive from a generator seeded with `seed`.
+    Being a pure function of its arguments is what makes resume exact without replaying
+    the skipped batches through the decoder. Consecutive blocks of `batch_size` go to ranks
+    0..R-1 in turn, so the global batch of step k is the same samples for any world size with
+    the same batch_size × R (a 2-rank run sees the batches of a 1-process run at twice the batch).
     """
-    replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **replicas)
+
+    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
+                 batch_size: int = 1) -> None:
+        self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
+        self.batch_size = batch_size
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        world, rank, batch = parallel.world_size(), parallel.rank(), self.batch_size
+        blocks = self.size // (batch * world)
+        mine = order[: blocks * world * batch].view(blocks, world, batch)[:, rank].reshape(-1)
+        return mine[self.start :].tolist()
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, start_batch: int = 0,
+                shuffle: bool = True, pin_memory: bool = False) -> DataLoader:
+    """The training DataLoader: order fixed by (seed, epoch), this rank's share, from batch `start_batch`.
+
+    Full batches only. Worker seeding uses its own generator, never the global RNG, so that a
+    resumed run draws the same random numbers as an uninterrupted one.
+    """
+    sampler = EpochSampler(len(dataset), seed, epoch, start_batch * batch_size, shuffle, batch_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        drop_last=drop_last,
+        pin_memory=pin_memory,
+        drop_last=True,
         collate_fn=collate_faces,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(),
+        persistent_workers=False,
     )

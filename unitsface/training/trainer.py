@@ -21,46 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from unitsface import __version__, heads, models, optim, parallel
-from unitsface.data.dataset import RecordDataset, collate_faces
+from unitsface.data.dataset import RecordDataset, make_loader, normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.training import distributed
 from unitsface.training.checkpoint import FORMAT, VERSION
 from unitsface.training.schedule import lr_factor
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation fixed by (seed, epoch), dealt to the ranks batch by batch, starting at `start`.
-
-    Being a pure function of its arguments is what makes resume exact without replaying
-    the skipped batches through the decoder. Consecutive blocks of `batch_size` go to ranks
-    0..R-1 in turn, so the global batch of step k is the same samples for any world size with
-    the same batch_size × R (a 2-rank run sees the batches of a 1-process run at twice the batch).
-    """
-
-    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
-                 batch_size: int = 1) -> None:
-        self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
-        self.batch_size = batch_size
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g)
-        else:
-            order = torch.arange(self.size)
-        world, rank, batch = parallel.world_size(), parallel.rank(), self.batch_size
-        blocks = self.size // (batch * world)
-        mine = order[: blocks * world * batch].view(blocks, world, batch)[:, rank].reshape(-1)
-        return mine[self.start :].tolist()
-
-    def __iter__(self):
-        return iter(self.indices())
-
-    def __len__(self) -> int:
-        return len(self.indices())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,16 +91,10 @@ def flip_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return images
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """The input contract of every backbone: RGB, (x/255 − 0.5)/0.5."""
-    return (images.float() - 127.5) / 127.5
-
-
 class Trainer:
     """Builds everything from a validated config and runs `fit()`."""
 
     def __init__(self, config: dict[str, Any], resume: str | Path | None = None) -> None:
-
         self.config = config
         self.cfg = config["train"]
         self.out = Path(config["output"]).expanduser()
@@ -252,19 +214,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def loader(self, epoch: int, start_micro: int) -> DataLoader:
-        sampler = EpochSampler(len(self.dataset), self.cfg["seed"], epoch, start_micro * self.cfg["batch_size"],
-                               batch_size=self.cfg["batch_size"])
-        return DataLoader(
-            self.dataset,
-            batch_size=self.cfg["batch_size"],
-            sampler=sampler,
-            num_workers=self.cfg["workers"],
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            collate_fn=collate_faces,
-            generator=torch.Generator(),  # keeps worker seeding off the global RNG (exact resume)
-            persistent_workers=False,
-        )
+        return make_loader(self.dataset, self.cfg["batch_size"], self.cfg["workers"], self.cfg["seed"], epoch,
+                           start_batch=start_micro, pin_memory=self.device.type == "cuda")
 
     def autocast(self):
         if self.cfg["amp"] == "none":
@@ -277,7 +228,7 @@ class Trainer:
         """One forward/backward; `sync=False` on accumulation micro-steps skips DDP's all-reduce."""
         if self.cfg["flip"]:
             images = flip_batch(images, generator)
-        x = normalize_images(images.to(self.device, non_blocking=True))
+        x = normalize_batch(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
         with distributed.no_sync(self.net, skip=not sync):
             with self.autocast():
