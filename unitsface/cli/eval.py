@@ -78,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ embedding
 def load_embedder(args: argparse.Namespace) -> FaceVerifier:
+    from unitsface.cli.verify import parse_normalize
     from unitsface.verifier import FaceVerifier
 
     if not (args.checkpoint or args.onnx):
@@ -86,11 +87,7 @@ def load_embedder(args: argparse.Namespace) -> FaceVerifier:
     if args.onnx:
         options["input_size"] = args.input_size
         if args.normalize:
-            try:
-                mean, std = (float(v) for v in args.normalize.split(","))
-            except ValueError:
-                raise UnitsfaceError(f"--normalize must be 'mean,std', got {args.normalize!r}") from None
-            options["normalize"] = (mean, std)
+            options["normalize"] = parse_normalize(args.normalize)
         if args.color:
             options["color"] = args.color
     return FaceVerifier.load(args.checkpoint or args.onnx, **options)
