@@ -58,8 +58,8 @@ class CosFaceHead(ClassifierHead):
         self.s, self.m = float(s), float(m)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, local, _ = self.class_cosine(x, labels)
-        return LF.cosface_loss(cos, local, self.s, self.m)
+        rows, local, _ = self.class_rows(labels)
+        return LF.cosface_rows_loss(x, rows, local, self.s, self.m)
 
 
 @register("arcface")
