@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from unitsface.heads import build
@@ -29,3 +30,16 @@ def step(head, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     loss = head(x, y)
     loss.backward()
     return loss, x.grad
+
+
+def assert_bf16_matches_fp32(name: str, seed: int) -> None:
+    """Under bf16 autocast the head still computes in fp32: same loss as without autocast."""
+    torch.manual_seed(seed)
+    W = torch.randn(6, 16)
+    x, y = (torch.randn(12, 16) * 20).bfloat16().float(), torch.randint(0, 6, (12,))
+    reference_loss = make_head(name, W)(x, y)
+    head = make_head(name, W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x.bfloat16().requires_grad_(True), y)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from head_helpers import make_head, step, tensor
+from head_helpers import assert_bf16_matches_fp32, make_head, step, tensor
 
 from unitsface.errors import UnitsfaceError
 from unitsface.heads import build
@@ -119,15 +119,7 @@ def test_finite_at_cos_plus_minus_one(name):
 
 @pytest.mark.parametrize("name", ["cosface_unpg", "arcface_unpg", "magface_unpg"])
 def test_bf16_autocast_matches_fp32_head(name):
-    torch.manual_seed(2)
-    W = torch.randn(6, 16)
-    x, y = (torch.randn(12, 16) * 20).bfloat16().float(), torch.randint(0, 6, (12,))
-    reference_loss = make_head(name, W)(x, y)
-    head = make_head(name, W)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = head(x.bfloat16().requires_grad_(True), y)
-    assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
+    assert_bf16_matches_fp32(name, seed=2)
 
 
 def test_defaults_and_validation():

@@ -46,8 +46,12 @@ def cosine(embeddings: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) 
         x = normalize(embeddings, eps)
         if not rows.requires_grad or embeddings.shape[0] >= rows.shape[1]:
             return x @ normalize(rows, eps).t()
-        rows = rows.float()
-        return (x @ rows.t()) / torch.linalg.vector_norm(rows, dim=1).clamp_min(eps)
+        return unit_cosine(x, rows.float(), eps)
+
+
+def unit_cosine(unit_x: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Cosines of unit rows `unit_x` against raw `rows`: (x̂·rowsᵀ) / max(|row|, eps), no normalised copy."""
+    return (unit_x @ rows.t()) / torch.linalg.vector_norm(rows, dim=1).clamp_min(eps)
 
 
 def target_mask(labels: torch.Tensor, num_columns: int) -> torch.Tensor:
@@ -168,7 +172,7 @@ def _column_chunks(labels: torch.Tensor, num_columns: int) -> list[tuple[int, in
 
 def _chunk_logits(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: float, m: float) -> torch.Tensor:
     """CosFace logits of unit rows `x` against raw `rows`: x·rowsᵀ / max(|row|, eps), as `cosine`."""
-    return cosface_logits((x @ rows.t()) / torch.linalg.vector_norm(rows, dim=1).clamp_min(NORM_EPS), labels, s, m)
+    return cosface_logits(unit_cosine(x, rows), labels, s, m)
 
 
 class _ChunkedCosFaceRows(torch.autograd.Function):
