@@ -181,20 +181,3 @@ def test_build_errors_are_one_line_and_name_the_fault():
         heads.build("arcface", 10, 8, gradient="approx")
     with pytest.raises(UnitsfaceError, match="label out of range"):
         heads.build("cosface", 10, 8)(torch.randn(2, 8), torch.tensor([0, 10]))
-
-
-def test_chunked_cosface_rows_loss_matches_the_cosine_matrix_form(monkeypatch):
-    """Several column chunks (one chunk = 1024 columns here) give the loss and gradients of
-    cosface_loss(cosine(x, W)), including rows whose class lies on no column (-1)."""
-    monkeypatch.setattr(LF, "CHUNK_ELEMENTS", 1)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 16, generator=g, requires_grad=True)
-    w = (0.3 * torch.randn(2500, 16, generator=g)).requires_grad_()
-    labels = torch.tensor([0, 1023, 1024, 2499, -1, 1500])
-    expected = LF.cosface_loss(LF.cosine(x, w), labels, s=8.0, m=0.3)
-    ex, ew = torch.autograd.grad(expected, (x, w))
-    got = LF.cosface_rows_loss(x, w, labels, s=8.0, m=0.3)
-    gx, gw = torch.autograd.grad(got, (x, w))
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-7)

@@ -391,24 +391,3 @@ def test_threshold_bce_is_finite_for_extreme_logits():
         loss = LF.threshold_bce_loss(cos, torch.tensor([1]), bias, s=64.0, m=0.4)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(cos.grad).all()
-
-
-@pytest.mark.parametrize("per_class", [False, True])
-def test_chunked_threshold_bce_matches_the_cosine_matrix_form(monkeypatch, per_class):
-    """Column chunks (1024 columns each here) give the loss and the gradients (embeddings, bias) of
-    threshold_bce_loss on the full cosine matrix, with a B×C validity mask and the clamp."""
-    monkeypatch.setattr(LF, "CHUNK_ELEMENTS", 1)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(5, 16, generator=g, requires_grad=True)
-    rows = LF.normalize(torch.randn(2100, 16, generator=g))
-    labels = torch.tensor([0, 1024, 2099, -1, 700])
-    bias = (torch.randn(2100, generator=g) if per_class else t([2.0])).requires_grad_()
-    valid = torch.rand(5, 2100, generator=g) > 0.3
-    expected = LF.threshold_bce_loss(LF.normalize(x) @ rows.t(), labels, bias, 8.0, 0.1, 0.5, True, valid)
-    ex, eb = torch.autograd.grad(expected, (x, bias))
-    got = LF.threshold_bce_rows_loss(x, rows, labels, bias, 8.0, 0.1, 0.5, True, valid)
-    gx, gb = torch.autograd.grad(got, (x, bias))
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-    # Sums over 2100 columns in another order: fp32 rounding only.
-    torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gb, eb, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from torch import nn
 
 from unitsface.heads.base import ClassifierHead, register
 from unitsface.losses import functional as LF
+from unitsface.losses import rows as LR
 
 
 @register("softmax")
@@ -59,7 +60,7 @@ class CosFaceHead(ClassifierHead):
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows, local, _ = self.class_rows(labels)
-        return LF.cosface_rows_loss(x, rows, local, self.s, self.m)
+        return LR.cosface_rows_loss(x, rows, local, self.s, self.m)
 
 
 @register("arcface")

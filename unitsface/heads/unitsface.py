@@ -19,6 +19,7 @@ from torch import nn
 from unitsface.heads.base import ClassifierHead, ColumnSample, Head, register, write_rows
 from unitsface.heads.uniface import BiasThresholds, clamp_mode
 from unitsface.losses import functional as LF
+from unitsface.losses import rows as LR
 from unitsface.parallel import sum_over_shards
 
 
@@ -83,20 +84,19 @@ class MemoryThresholdHead(BiasThresholds, IdentityMemory):
                        ) -> torch.Tensor:
         """The threshold-BCE loss against the step's memory columns, unfilled slots masked (§2.1,
         §2.2, §2.4). The data-driven b0 sums the same columns, so with Partial FC it is adjusted to
-        the sampled count (≈ log r lower), as UniFace's log(10·C·r) is (§2.8, §3.2)."""
+        the sampled count (≈ log r lower), as UniFace's log(10·C·r) is (§2.8, §3.2). The loss reads
+        the memory and the mask in its forward only, so `remember` may overwrite them before backward()."""
+        rows, filled = sample.take(self.memory), sample.take(self.filled)
         if not bool(self.bias_initialised):
-            cos, filled = self.memory_cosine(x, sample)
-            b0 = LF.unified_bias_init(cos, sample.labels, s, filled) if self.training else None
+            b0 = LR.unified_bias_init_rows(x, rows, sample.labels, s, filled) if self.training else None
             if b0 is None:  # no filled negative yet: the loss cannot start
-                return cos.sum() * 0.0 + self.unused_bias()
+                return x.sum() * 0.0 + self.unused_bias()
             with torch.no_grad():
                 # b is still exactly its start value 0: until now its loss term was this zero.
                 self.bias.add_(b0)
             self.bias_initialised.fill_(True)
         bias = self.bias if self.bias.numel() == 1 else sample.take(self.bias)
-        # A normalised copy and a copy of the mask: `remember` overwrites both before backward().
-        rows, filled = LF.normalize(sample.take(self.memory)), sample.take(self.filled).clone()
-        return LF.threshold_bce_rows_loss(x, rows, sample.labels, bias, s, m, clamp=clamp, valid_columns=filled)
+        return LR.threshold_bce_rows_loss(x, rows, sample.labels, bias, s, m, clamp=clamp, valid_columns=filled)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The standalone sample-to-sample loss: memory, bias, then write-after-loss."""
@@ -178,7 +178,7 @@ class UniTSFaceHead(ClassifierHead, MemoryThresholdHead):
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sample = self.columns_for(labels)  # one Partial FC draw for `weight` and `memory` alike
-        loss = LF.cosface_rows_loss(x, sample.take(self.weight), sample.labels, self.s, self.m_class)
+        loss = LR.cosface_rows_loss(x, sample.take(self.weight), sample.labels, self.s, self.m_class)
         if self.sample_to_sample_active():
             uss = self.threshold_loss(x, sample, self.s, self.m_sample, self.clamp)
             loss = self.weights[0] * loss + self.weights[1] * uss

@@ -49,9 +49,14 @@ def cosine(embeddings: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) 
         return unit_cosine(x, rows.float(), eps)
 
 
+def row_norms(rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """max(|row|, eps), the denominator of every cosine against `rows`."""
+    return torch.linalg.vector_norm(rows, dim=1).clamp_min(eps)
+
+
 def unit_cosine(unit_x: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """Cosines of unit rows `unit_x` against raw `rows`: (x̂·rowsᵀ) / max(|row|, eps), no normalised copy."""
-    return (unit_x @ rows.t()) / torch.linalg.vector_norm(rows, dim=1).clamp_min(eps)
+    return (unit_x @ rows.t()) / row_norms(rows, eps)
 
 
 def target_mask(labels: torch.Tensor, num_columns: int) -> torch.Tensor:
@@ -158,77 +163,6 @@ def cosface_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0, m: fl
     return cross_entropy_rows(cosface_logits(cos, labels, s, m), labels).mean()
 
 
-CHUNK_ELEMENTS = 1 << 21  # B×chunk cosines alive at a time in `cosface_rows_loss` (8 MB in fp32)
-
-
-def _column_chunks(labels: torch.Tensor, num_columns: int) -> list[tuple[int, int, torch.Tensor]]:
-    """(start, end, labels local to the chunk or -1) for column chunks of about CHUNK_ELEMENTS cosines."""
-    width = max(1024, CHUNK_ELEMENTS // max(1, labels.numel()))
-    # An empty shard still gets one (empty) chunk: its LSE is -inf, as logsumexp over no column.
-    inside = [(a, min(a + width, num_columns)) for a in range(0, max(num_columns, 1), width)]
-    return [(a, b, torch.where((labels >= a) & (labels < b), labels - a, torch.full_like(labels, -1)))
-            for a, b in inside]
-
-
-def _chunk_logits(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: float, m: float) -> torch.Tensor:
-    """CosFace logits of unit rows `x` against raw `rows`: x·rowsᵀ / max(|row|, eps), as `cosine`."""
-    return cosface_logits(unit_cosine(x, rows), labels, s, m)
-
-
-class _ChunkedCosFaceRows(torch.autograd.Function):
-    """Per-row CosFace CE of unit embeddings against raw class rows, combined over class shards (D3).
-
-    Autograd on `cosface_loss(cosine(x, rows))` keeps several B×C matrices (the product, the
-    logits, their gradients) alive at once; with class sharding each rank's B_global×C_r is as
-    large as one process's B×C, so they do not shrink with the rank count. Here the forward
-    keeps only the row LSE, and the backward recomputes the logits chunk by chunk of columns
-    (one extra x·rowsᵀ) and differentiates each chunk with dz = g·(softmax − onehot), the
-    exact gradient of LSE − target: O(B×chunk) is alive at any time.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: float,  # type: ignore[override]
-                m: float) -> torch.Tensor:
-        chunks = _column_chunks(labels, rows.shape[0])
-        lse_parts, target = [], torch.zeros(x.shape[0], device=x.device)
-        for a, b, local in chunks:
-            z = _chunk_logits(x, rows[a:b], local, s, m)
-            lse_parts.append(torch.logsumexp(z, dim=1))
-            target += gather_target(z, local)
-        lse = logsumexp_over_shards(torch.stack(lse_parts, 1), dim=1)
-        ctx.save_for_backward(x, rows, labels, lse)
-        ctx.s, ctx.m = s, m
-        return lse - sum_over_shards(target)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, rows, labels, lse = ctx.saved_tensors
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[1] else None
-        for a, b, local in _column_chunks(labels, rows.shape[0]):
-            with torch.enable_grad():
-                xd, rd = x.detach().requires_grad_(grad_x is not None), rows[a:b].detach().requires_grad_()
-                z = _chunk_logits(xd, rd, local, ctx.s, ctx.m)
-            dz = (z.detach() - lse.unsqueeze(1)).exp_().sub_(target_mask(local, b - a).float()).mul_(grad.unsqueeze(1))
-            inputs = (xd, rd) if grad_x is not None else (rd,)
-            grads = torch.autograd.grad(z, inputs, dz)
-            if grad_x is not None:
-                grad_x += grads[0]
-            if grad_rows is not None:
-                grad_rows[a:b] = grads[-1]
-        return grad_x, grad_rows, None, None, None
-
-
-def cosface_rows_loss(embeddings: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: float = 64.0,
-                      m: float = 0.4) -> torch.Tensor:
-    """`cosface_loss(cosine(embeddings, rows), labels, s, m)` for trained class rows, computed in column
-    chunks so that per-rank memory shrinks with class sharding (see `_ChunkedCosFaceRows`)."""
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        if not rows.requires_grad:
-            return cosface_loss(cosine(embeddings, rows), labels, s, m)
-        return _ChunkedCosFaceRows.apply(normalize(embeddings), rows.float(), labels, float(s), float(m)).mean()
-
-
 def arcface_loss(
     cos: torch.Tensor,
     labels: torch.Tensor,
@@ -311,66 +245,17 @@ def threshold_bce_terms(
     return terms
 
 
-def _bce_chunk(x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, valid: torch.Tensor | None,
-               a: int, b: int, local: torch.Tensor, params: tuple) -> torch.Tensor:
-    """`threshold_bce_terms` of columns [a, b) of unit `x` against unit `rows`."""
-    return threshold_bce_terms(x @ rows[a:b].t(), local, bias if bias.numel() == 1 else bias[a:b], *params,
-                               valid_columns=None if valid is None else valid[..., a:b])
+def negative_logits(cos: torch.Tensor, labels: torch.Tensor, s: float,
+                    valid_columns: torch.Tensor | None = None) -> torch.Tensor:
+    """s·cos with each row's own column and the invalid columns at −inf: the terms of LSE_{j≠y_i}."""
+    z = (s * cos.float()).masked_fill(target_mask(labels, cos.shape[1]), -math.inf)
+    return z if valid_columns is None else z.masked_fill(~valid_columns, -math.inf)
 
 
-class _ChunkedThresholdBCE(torch.autograd.Function):
-    """Per-row column sum of `threshold_bce_terms` of unit embeddings against unit rows without a
-    gradient (the identity memory), computed and differentiated chunk by chunk of columns, for the
-    reason `_ChunkedCosFaceRows` gives; the terms are independent, so the backward recomputes each
-    chunk and back-propagates the row gradient through it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
-                valid: torch.Tensor | None, labels: torch.Tensor, params: tuple) -> torch.Tensor:
-        total = torch.zeros(x.shape[0], device=x.device)
-        for a, b, local in _column_chunks(labels, rows.shape[0]):
-            total += _bce_chunk(x, rows, bias, valid, a, b, local, params).sum(dim=1)
-        ctx.save_for_backward(x, rows, bias, valid, labels)
-        ctx.params = params
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, rows, bias, valid, labels = ctx.saved_tensors
-        wanted = [t.detach().requires_grad_() for t, need in ((x, ctx.needs_input_grad[0]),
-                                                              (bias, ctx.needs_input_grad[2])) if need]
-        totals = [torch.zeros_like(t) for t in wanted]
-        for a, b, local in _column_chunks(labels, rows.shape[0]):
-            with torch.enable_grad():
-                xd = wanted[0] if ctx.needs_input_grad[0] else x
-                bd = wanted[-1] if ctx.needs_input_grad[2] else bias
-                terms = _bce_chunk(xd, rows, bd, valid, a, b, local, ctx.params)
-            if wanted:
-                for total, g in zip(totals, torch.autograd.grad(terms, wanted, grad.unsqueeze(1).expand_as(terms))):
-                    total += g
-        it = iter(totals)
-        return (next(it) if ctx.needs_input_grad[0] else None, None,
-                next(it) if ctx.needs_input_grad[2] else None, None, None, None)
-
-
-def threshold_bce_rows_loss(
-    embeddings: torch.Tensor,
-    unit_rows: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor,
-    s: float,
-    m: float,
-    neg_weight: float = 1.0,
-    clamp: bool = False,
-    valid_columns: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`threshold_bce_loss(cosine(embeddings, unit_rows), …)` for unit rows without a gradient (the
-    identity memory, already normalised), in column chunks so that per-rank memory shrinks with class
-    sharding."""
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        rows_sum = _ChunkedThresholdBCE.apply(normalize(embeddings), unit_rows, bias.float(), valid_columns,
-                                              labels, (float(s), float(m), float(neg_weight), clamp))
-    return sum_over_shards(rows_sum).mean()
+def mean_finite(values: torch.Tensor) -> torch.Tensor | None:
+    """Mean of the finite entries, None when there is none."""
+    finite = torch.isfinite(values)
+    return values[finite].mean() if bool(finite.any()) else None
 
 
 @torch.no_grad()
@@ -383,12 +268,7 @@ def unified_bias_init(
     LSE spans the class shards so every rank computes the same b0 (D5). Rows without a valid
     negative are left out; None when no row has one (the bias cannot be set from this batch).
     """
-    z = (s * cos.float()).masked_fill(target_mask(labels, cos.shape[1]), -math.inf)
-    if valid_columns is not None:
-        z = z.masked_fill(~valid_columns, -math.inf)
-    lse = logsumexp_over_shards(z, dim=1)
-    finite = torch.isfinite(lse)
-    return lse[finite].mean() if bool(finite.any()) else None
+    return mean_finite(logsumexp_over_shards(negative_logits(cos, labels, s, valid_columns), dim=1))
 
 
 def sample_softmax_loss(
