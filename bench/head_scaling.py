@@ -3,8 +3,9 @@
 One step is forward + backward + optimiser step (SGD, momentum 0.9, weight decay 5e-4) of the
 head on random B×d embeddings, B per rank. Each measurement runs in fresh processes (R gloo
 ranks on CPU, or NCCL ranks on GPUs) so that peak memory is its own: peak RSS growth from just
-before the head is built (CPU) or torch's peak allocation (CUDA), per rank, max over ranks; one
-step of the head at C = 1000 first takes the one-off library start-up out of the baseline.
+before the head is built (CPU; by default glibc returns freed blocks, so the RSS follows live
+tensors: `--memory`) or torch's peak allocation (CUDA), per rank, max over ranks; one step of the
+head at C = 1000 first takes the one-off library start-up out of the baseline.
 `update=sparse` reads the sampled class rows with a sparse gradient and updates only them, with
 momentum and weight decay of the other rows caught up lazily (`unitsface.optim`); `dense` is
 torch's SGD, whose Partial FC gradient spans all C rows. For heads with per-identity buffers
@@ -15,7 +16,7 @@ Every measurement prints one line ending in a JSON object; ratio lines follow (a
 
     python bench/head_scaling.py                      # C = 10k, 100k; 1 and 2 ranks (a few minutes)
     python bench/head_scaling.py --classes 1000000 --heads cosface@0.1 --ranks 1
-    python bench/head_scaling.py --classes 100000 --heads cosface unitsface --strict-memory   # memory ratios
+    python bench/head_scaling.py --classes 100000 --heads cosface unitsface --memory heap
     python bench/head_scaling.py --device cuda --classes 1000000 2000000 --ranks 1
 """
 
@@ -105,17 +106,27 @@ def bf16_state_effect(head: torch.nn.Module, args: argparse.Namespace, device: t
             "loss_bf16_state": losses[1], "bf16_loss_rel_change": abs(losses[1] - losses[0]) / abs(losses[0])}
 
 
+def make_optimizer(head: torch.nn.Module, update: str) -> optim.SGD:
+    """SGD with momentum and weight decay; `sparse` updates the class weight lazily, row by row."""
+    return optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                     lazy=[head.weight] if update == "sparse" else [])
+
+
 def warm_libraries(args: argparse.Namespace, spec: dict[str, Any], device: torch.device) -> None:
-    """One forward/backward of the same head at C = 1000, before the memory baseline is read.
+    """One step (forward, backward, optimiser) of the same head at C = 1000, before the memory
+    baseline is read.
 
     The first step of any head grows the RSS by about 100 MB whatever C is (kernel code pages,
-    allocator arenas, gloo buffers: 101–113 MB measured at C = 1000 on 1 and 2 ranks); it is no
-    part of the head's per-rank memory, which is what sharding should halve.
+    allocator arenas, gloo buffers: 101–113 MB measured at C = 1000 on 1 and 2 ranks), and building
+    the first torch optimiser by another ~70 MB (the modules it imports); neither is part of the
+    head's per-rank memory, which is what sharding should halve.
     """
     head = heads.build(spec["head"], 1000, args.dim, sample_rate=spec["sample_rate"]).to(device).train()
     make_ready(head)
+    opt = make_optimizer(head, spec["update"])
     x, labels = batch(0, 1000, args, device)
     head(x, labels).backward()
+    opt.step()
 
 
 def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +140,7 @@ def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(parallel.rank())
     head = heads.build(spec["head"], spec["classes"], args.dim, sample_rate=spec["sample_rate"]).to(device).train()
     make_ready(head)
-    sparse = spec["update"] == "sparse"
-    opt = optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, lazy=[head.weight] if sparse else [])
+    opt = make_optimizer(head, spec["update"])
     sync = distributed.GradientSync([], head)
     losses, times = [], []
     for step in range(args.warmup + args.steps):
@@ -181,7 +191,7 @@ def run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
         torch.multiprocessing.spawn(worker, args=(spec["ranks"], free_port(), args, spec, out), nprocs=spec["ranks"])
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(spec["ranks"])]
     result = dict(spec, batch_per_rank=args.batch, dim=args.dim, device=args.device, threads_per_rank=args.threads,
-                  strict_memory=args.strict_memory)
+                  memory=args.memory)
     result.update(ranks[0])
     result["ms_per_step"] = max(r["ms_per_step"] for r in ranks)
     result["peak_mb_per_rank"] = max(r["peak_mb_per_rank"] for r in ranks)
@@ -242,11 +252,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--strict-memory", action="store_true",
-                        help="CPU: glibc returns every freed block of 1 MB or more to the OS, so peak RSS "
-                             "follows live tensors, not heap fragments (read memory, not times, from such a run)")
+    parser.add_argument("--memory", choices=["live", "heap"], default="live",
+                        help="CPU: 'live' (default) makes glibc return every freed block of 1 MB or more to the "
+                             "OS, so peak RSS follows live tensors, as torch.cuda's peak allocation does on a "
+                             "GPU (each fresh block then costs page faults: a few %% of step time); 'heap' is "
+                             "the plain process, whose RSS also keeps freed blocks in glibc's heap")
     args = parser.parse_args()
-    if args.strict_memory:  # read by glibc when each spawned worker starts
+    if args.memory == "live":  # read by glibc when each spawned worker starts
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     results = []
     for classes in args.classes:

@@ -6,6 +6,7 @@ restart test) and is imported by torch.multiprocessing.spawn children (the equiv
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -136,7 +137,49 @@ def sampling_task(outdir: str, num_classes: int, rate: float) -> None:
                Path(outdir) / f"sampling{r}.pt")
 
 
+# --------------------------------------------------------------------------- BatchNorm over the global batch
+
+
+def run_batchnorm(module: nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]], rows: slice) -> dict[str, Any]:
+    """Training steps of `module` on rows `rows` of each global batch, then one eval forward.
+
+    The loss sum(y·g) sends back the upstream gradient g, which stands for the gradient of one global
+    loss (what the trainer's heads give every rank). Per step: output, input gradient, this rank's
+    parameter gradients and the state after the step.
+    """
+    records = []
+    module.train()
+    for x_global, g_global in steps:
+        x = x_global[rows].clone().requires_grad_()
+        y = module(x)
+        (y * g_global[rows]).sum().backward()
+        records.append({"y": y.detach(), "x_grad": x.grad,
+                        "grads": {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None},
+                        "state": {k: v.clone() for k, v in module.state_dict().items()}})
+        module.zero_grad(set_to_none=True)
+    module.eval()
+    with torch.no_grad():
+        evaluated = module(steps[-1][0][rows])
+    return {"steps": records, "eval": evaluated}
+
+
+def batchnorm_task(infile: str, outdir: str) -> None:
+    """Each case of `infile` (a BatchNorm module, global batches, the row bounds of the ranks) through
+    `distributed.sync_batchnorm` on this rank, on CPU (GlobalBatchNorm); writes batchnorm<r>.pt."""
+    r = parallel.rank()
+    out: dict[str, Any] = {}
+    for name, case in torch.load(infile, weights_only=False).items():
+        module = distributed.sync_batchnorm(copy.deepcopy(case["module"]), torch.device("cpu"))
+        out[name] = {"type": type(module).__name__, "keys": list(module.state_dict()),
+                     "frozen": sorted(k for k, p in module.named_parameters() if not p.requires_grad),
+                     **run_batchnorm(module, case["steps"], slice(case["bounds"][r], case["bounds"][r + 1]))}
+    torch.save(out, Path(outdir) / f"batchnorm{r}.pt")
+
+
 # --------------------------------------------------------------------------- trainer runs
+
+
+_BUILD = models.build  # the unpatched builder: the tasks of one spawned process patch it in turn
 
 
 def _group_norm_like(bn: nn.Module) -> nn.Module:
@@ -156,21 +199,22 @@ def without_batch_statistics(build: Callable[..., nn.Module]) -> Callable[..., n
     return patched
 
 
-def trainer_patches() -> list[tuple[Any, str, Any]]:
-    """(object, attribute, value): backbones without batch statistics; no validation or report
-    (not the subject of these tests)."""
-    return [(models, "build", without_batch_statistics(models.build)),
+def trainer_patches(batch_statistics: bool = False) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value): backbones without batch statistics, unless `batch_statistics` (runs
+    that synchronise them); no validation or report (not the subject of these tests)."""
+    return [(models, "build", _BUILD if batch_statistics else without_batch_statistics(_BUILD)),
             (trainer.Trainer, "validate", lambda self: {}),
             (trainer.Trainer, "write_report", lambda self, results: None)]
 
 
-def patch_trainer() -> None:
-    for obj, name, value in trainer_patches():
+def patch_trainer(batch_statistics: bool = False) -> None:
+    for obj, name, value in trainer_patches(batch_statistics):
         setattr(obj, name, value)
 
 
 def train_task(config: dict[str, Any], resume: str | None) -> None:
-    patch_trainer()
+    """A trainer run; a backbone keeps its BatchNorm when the config synchronises it."""
+    patch_trainer(batch_statistics=config["model"]["sync_batchnorm"])
     trainer.Trainer(config, resume=resume).fit()
 
 
@@ -187,7 +231,8 @@ def make_record_dataset(folder: Path, classes: int, per_class: int, seed: int = 
     return folder
 
 
-TASKS: dict[str, Callable[..., None]] = {"heads": heads_task, "sampling": sampling_task, "train": train_task}
+TASKS: dict[str, Callable[..., None]] = {"heads": heads_task, "sampling": sampling_task, "train": train_task,
+                                         "batchnorm": batchnorm_task}
 
 
 def main(argv: list[str]) -> int:

@@ -44,6 +44,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("head.m=large", "config key 'head.m' must be a number, got 'large'"),
         ("model.backbone=resnet9000", "unknown model.backbone 'resnet9000'"),
         ("train.tensorboard=3", "config key 'train.tensorboard' must be bool, got 3"),
+        ("model.sync_batchnorm=1", "config key 'model.sync_batchnorm' must be bool, got 1"),
         ("train.lr", "override 'train.lr' must look like key=value"),
     ],
 )

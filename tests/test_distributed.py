@@ -4,11 +4,13 @@ Covers methods.md D1–D7 and issue 5: every registered head sharded over 2 rank
 process (loss, input gradient, parameter gradients, state after an SGD step); a 2-rank trainer
 run (DDP with summed gradients, gradient accumulation with no_sync) against one process step by
 step; checkpoints re-sharded N -> M; a torchrun restart resuming by itself; Partial FC sampling
-and the lazy ("sparse") optimiser against dense SGD.
+and the lazy ("sparse") optimiser against dense SGD; BatchNorm over the global batch
+(`model.sync_batchnorm`) against BatchNorm in one process, alone and in a trainer run.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -21,7 +23,7 @@ import dist_worker
 import pytest
 import torch
 
-from unitsface import heads, optim, parallel
+from unitsface import heads, models, optim, parallel
 from unitsface.config import load_config
 from unitsface.data.dataset import EpochSampler
 from unitsface.errors import UnitsfaceError
@@ -77,9 +79,9 @@ def losses(out: Path) -> dict[int, float]:
 
 
 @contextmanager
-def patched_trainer() -> Iterator[None]:
+def patched_trainer(batch_statistics: bool = False) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        for obj, name, value in dist_worker.trainer_patches():
+        for obj, name, value in dist_worker.trainer_patches(batch_statistics):
             mp.setattr(obj, name, value)
         yield
 
@@ -453,3 +455,115 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(runs: dict, tmp_path:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), f"step {step}"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5  # 1-3, died; 3-4 from step 2's checkpoint
     assert len(list((out / "last.pt.shards").iterdir())) == 1  # older generations removed
+
+
+# --------------------------------------------------------------------------- BatchNorm over the global batch
+
+
+SYNC = ("model.sync_batchnorm=true",)
+SYNC_STEPS = 3
+
+
+def batchnorm_cases() -> dict[str, dict]:
+    """A BatchNorm2d with momentum, and a BatchNorm1d with a frozen gamma (as iresnet's last layer) and
+    momentum=None (the cumulative average); two steps each, inputs far from zero mean, uneven rows per rank."""
+    g = torch.Generator().manual_seed(4)
+    bn2d, bn1d = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(6, momentum=None)
+    for bn in (bn2d, bn1d):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.normal_(generator=g)
+    bn1d.weight.requires_grad_(False)
+
+    def steps(*shape: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(5.0 + 2.0 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(2)]
+
+    return {"bn2d": {"module": bn2d, "steps": steps(8, 3, 4, 5), "bounds": (0, 5, 8)},
+            "bn1d_cumulative_frozen_gamma": {"module": bn1d, "steps": steps(8, 6), "bounds": (0, 3, 8)}}
+
+
+@pytest.fixture(scope="module")
+def sync_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One start of 2 gloo ranks: the `batchnorm_cases` through GlobalBatchNorm, and a trainer run of
+    tinyfacenet (BatchNorm2d and 1d) with model.sync_batchnorm=true against a one-process run with the
+    same global batches, both from one initial checkpoint (written by one process: plain BatchNorm)."""
+    root = tmp_path_factory.mktemp("syncbn")
+    cases = batchnorm_cases()
+    torch.save(cases, root / "cases.pt")
+    data = dist_worker.make_record_dataset(root / "data", classes=12, per_class=8)
+    one = WORLD * BATCH
+    with patched_trainer(batch_statistics=True):
+        init = trainer.Trainer(run_config(data, root / "init", 1, one, extra=SYNC)).save("init.pt")
+        trainer.Trainer(run_config(data, root / "ref", SYNC_STEPS, one, extra=SYNC), resume=init).fit()
+    dist_worker.spawn(WORLD, [
+        ("batchnorm", (str(root / "cases.pt"), str(root))),
+        ("train", (run_config(data, root / "two", SYNC_STEPS, BATCH, extra=SYNC), str(init))),
+    ])
+    ranks = [torch.load(root / f"batchnorm{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"root": root, "data": data, "cases": cases, "ranks": ranks}
+
+
+def test_sync_batchnorm_on_two_ranks_is_batchnorm_on_the_global_batch(sync_runs: dict) -> None:
+    """Output, input gradient, running statistics and eval output on each rank's rows equal nn.BatchNorm
+    on the concatenated batch; the ranks' weight/bias gradients sum (as DDP does, D1) to its gradients."""
+    for name, case in sync_runs["cases"].items():
+        plain = case["module"]
+        ref = dist_worker.run_batchnorm(copy.deepcopy(plain), case["steps"], slice(None))
+        for r, rank_runs in enumerate(sync_runs["ranks"]):
+            got, rows = rank_runs[name], slice(case["bounds"][r], case["bounds"][r + 1])
+            assert got["type"] == "GlobalBatchNorm"
+            assert got["keys"] == list(plain.state_dict())  # checkpoints load with and without the flag
+            assert got["frozen"] == sorted(k for k, p in plain.named_parameters() if not p.requires_grad)
+            for step, (mine, expected) in enumerate(zip(got["steps"], ref["steps"])):
+                where = f"{name} rank {r} step {step}"
+                assert_close(mine["y"], expected["y"][rows], f"{where}: output")
+                assert_close(mine["x_grad"], expected["x_grad"][rows], f"{where}: input gradient")
+                for key, value in expected["state"].items():
+                    assert_close(mine["state"][key], value, f"{where}: {key}")
+            assert_close(got["eval"], ref["eval"][rows], f"{name} rank {r}: eval output")
+        for step, expected in enumerate(ref["steps"]):
+            grads = [rank_runs[name]["steps"][step]["grads"] for rank_runs in sync_runs["ranks"]]
+            assert all(set(g) == set(expected["grads"]) for g in grads), f"{name} step {step}: gradients"
+            for key, value in expected["grads"].items():
+                assert_close(sum(g[key] for g in grads), value, f"{name} step {step}: gradient of {key}")
+
+
+def test_sync_batchnorm_is_plain_batchnorm_in_one_process() -> None:
+    """Without a process group the conversion is a no-op, and a GlobalBatchNorm is nn.BatchNorm exactly."""
+    model = models.build("tinyfacenet", embedding_size=8, input_size=32)
+    assert distributed.sync_batchnorm(model, torch.device("cpu")) is model
+    assert not any(isinstance(m, distributed.GlobalBatchNorm) for m in model.modules())
+    for name, case in batchnorm_cases().items():
+        ref = dist_worker.run_batchnorm(copy.deepcopy(case["module"]), case["steps"], slice(None))
+        converted = distributed.GlobalBatchNorm.convert(copy.deepcopy(case["module"]))
+        assert isinstance(converted, distributed.GlobalBatchNorm)
+        got = dist_worker.run_batchnorm(converted, case["steps"], slice(None))
+        for mine, expected in zip(got["steps"], ref["steps"]):
+            for key in ("y", "x_grad"):
+                assert torch.equal(mine[key], expected[key]), f"{name}: {key}"
+            for part in ("grads", "state"):
+                assert mine[part].keys() == expected[part].keys()
+                assert all(torch.equal(mine[part][k], v) for k, v in expected[part].items()), f"{name}: {part}"
+        assert torch.equal(got["eval"], ref["eval"]), f"{name}: eval output"
+
+
+def test_sync_batchnorm_two_ranks_train_like_one_process(sync_runs: dict, tmp_path: Path) -> None:
+    """tinyfacenet keeps its BatchNorm: 2 ranks with model.sync_batchnorm=true give the one-process losses
+    step by step and the same weights and running statistics; the checkpoint loads without the flag."""
+    root = sync_runs["root"]
+    ref, two = losses(root / "ref"), losses(root / "two")
+    assert sorted(ref) == sorted(two) == list(range(1, SYNC_STEPS + 1))
+    for step in ref:
+        assert two[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), f"step {step}"
+    final = torch.load(root / "two" / "last.pt", weights_only=True)["model"]
+    expected = torch.load(root / "ref" / "last.pt", weights_only=True)["model"]
+    assert list(final) == list(expected) and any(k.endswith("running_var") for k in expected)
+    # BatchNorm over 8 samples amplifies float32 rounding: two one-process runs that differ only in the
+    # number of torch threads (another summation order) end up to 6e-4 apart here; in float64 the ranks
+    # match one process to 1e-12.
+    for key, value in expected.items():
+        assert_close(final[key], value, f"model.{key}", atol=3e-3)
+    with patched_trainer(batch_statistics=True):
+        plain = trainer.Trainer(run_config(sync_runs["data"], tmp_path, SYNC_STEPS, WORLD * BATCH),
+                                resume=root / "two" / "last.pt")
+    assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in final.items())

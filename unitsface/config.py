@@ -27,7 +27,11 @@ DEFAULTS: dict[str, Any] = {
         "cache": None,  # where the synthetic set is generated; default ~/.cache/unitsface
         "max_bad_fraction": 0.001,
     },
-    "model": {"backbone": "iresnet50", "embedding_size": 512},
+    "model": {
+        "backbone": "iresnet50",
+        "embedding_size": 512,
+        "sync_batchnorm": False,  # several ranks: BatchNorm statistics over the global batch, not per rank
+    },
     "head": {"name": "cosface"},
     "train": {
         "batch_size": 128,
@@ -68,6 +72,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.max_bad_fraction": (float, int),
     "model.backbone": (str,),
     "model.embedding_size": (int,),
+    "model.sync_batchnorm": (bool,),
     "head.name": (str,),
     "train.batch_size": (int,),
     "train.epochs": (int,),

@@ -15,6 +15,11 @@ the contribution of that rank's class columns, so their gradients are summed too
 (`GradientSync`). Gradient clipping uses the norm of the full gradient, identical on every
 rank, so that clipping cannot desynchronise the replicas.
 
+Batch statistics (`model.sync_batchnorm`). By default every rank normalises with the statistics
+of its own samples. `sync_batchnorm` makes BatchNorm use those of the global batch instead, so a
+BatchNorm backbone on N ranks trains like one process on the global batch: torch's SyncBatchNorm
+on CUDA, `GlobalBatchNorm` on CPU/gloo (where SyncBatchNorm refuses to run).
+
 Checkpoints (methods.md D6). With N > 1 every rank writes its class rows (head state and
 their optimiser state) to `<name>.shards/<generation>/rankR-of-N.pt`; rank 0 then writes
 `<name>` — the backbone, replicated state and a manifest of the shard files — by an atomic
@@ -208,6 +213,129 @@ class GradientSync:
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
         return total
+
+
+# --------------------------------------------------------------------------- batch statistics
+
+
+def _channel_dims(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(the dimensions a BatchNorm reduces over, the shape that broadcasts a per-channel vector over x)."""
+    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (as BatchNorm under autocast), else the input's own precision."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """BatchNorm over the batch of all ranks together, forward and backward (see `GlobalBatchNorm`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, factor: float,
+                eps: float) -> torch.Tensor:
+        dims, shape = _channel_dims(x)
+        xf = x.to(_compute_dtype(x))
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        n = xf.numel() // xf.shape[1]
+        # Count, sum and sum of squares, rebuilt from this rank's centred moments and reduced in float64:
+        # in float32, E[x²] − E[x]² would cancel away the variance of channels whose |mean| ≫ std.
+        m = mean.double()
+        sums = torch.stack([torch.full_like(m, n), n * m, n * (var.double() + m * m)])
+        dist.all_reduce(sums)
+        count = float(sums[0, 0])
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count:.0f} over all ranks")
+        mean64 = sums[1] / count
+        var64 = (sums[2] / count - mean64 * mean64).clamp(min=0)
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():  # as BatchNorm: the unbiased variance, weighted by `factor`
+                running_mean.mul_(1 - factor).add_(mean64.to(running_mean.dtype), alpha=factor)
+                running_var.mul_(1 - factor).add_((var64 * count / (count - 1)).to(running_var.dtype), alpha=factor)
+        mean, invstd = mean64.to(xf.dtype), (var64 + eps).rsqrt().to(xf.dtype)
+        y = (xf - mean.view(shape)) * invstd.view(shape)
+        if weight is not None:
+            y = y * weight.to(xf.dtype).view(shape)
+        if bias is not None:
+            y = y + bias.to(xf.dtype).view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count = count
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        dims, shape = _channel_dims(x)
+        xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
+        dy = grad.to(mean.dtype)
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # The mean and variance depend on every rank's samples, so the input gradient needs the global
+            # sums; weight and bias get this rank's part only, which DDP then sums over ranks (D1).
+            total = torch.stack([sum_dy, sum_dy_xhat])
+            dist.all_reduce(total)
+            scale = invstd if weight is None else invstd * weight.to(mean.dtype)
+            grad_x = ((dy - (total[0] / ctx.count).view(shape) - xhat * (total[1] / ctx.count).view(shape))
+                      * scale.view(shape)).to(x.dtype)
+        grad_w = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None  # affine: weight and bias alike
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the batch of all ranks, for CPU/gloo.
+
+    torch's SyncBatchNorm does this on CUDA only. The forward all-reduces per-channel count, sum and
+    sum of squares in one collective and normalises with the global mean and biased variance; running
+    statistics follow BatchNorm's rule (unbiased global variance, `momentum`, or the cumulative average
+    when `momentum` is None). The backward all-reduces per-channel sum(dy) and sum(dy·x̂), giving the
+    exact gradient of BatchNorm over the global batch. In eval mode, or without a process group, it is
+    plain BatchNorm. Its state_dict keys are BatchNorm's, so checkpoints load either way.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and parallel.world_size() > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return _GlobalBatchNormFunction.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                              factor, self.eps)
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """`module` with every BatchNorm replaced by a GlobalBatchNorm holding the same parameter and
+        buffer objects (a frozen gamma stays frozen; references to the parameters stay valid)."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats)
+            if module.affine:
+                converted.weight, converted.bias = module.weight, module.bias
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.train(module.training)
+            module = converted
+        for name, child in module.named_children():
+            setattr(module, name, cls.convert(child))
+        return module
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` with BatchNorm statistics taken over the global batch (`model.sync_batchnorm`); call it
+    before `wrap_model`. A no-op in one process, where the local batch is the global one."""
+    if parallel.world_size() <= 1:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return GlobalBatchNorm.convert(model)
 
 
 # --------------------------------------------------------------------------- checkpoints

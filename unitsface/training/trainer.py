@@ -112,6 +112,8 @@ class Trainer:
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
         self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"]).to(self.device)
+        if mcfg["sync_batchnorm"]:  # global-batch BatchNorm statistics; no-op in one process
+            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net = distributed.wrap_model(self.model, self.device)  # DDP (summed gradients) when distributed
         distributed.seed_rank(self.cfg["seed"])
         self.head_name = hcfg.pop("name")
