@@ -3,9 +3,9 @@
 One step is forward + backward + optimiser step (SGD, momentum 0.9, weight decay 5e-4) of the
 head on random B×d embeddings, B per rank. Each measurement runs in fresh processes (R gloo
 ranks on CPU, or NCCL ranks on GPUs) so that peak memory is its own: peak RSS growth from just
-before the head is built (CPU; by default glibc returns freed blocks, so the RSS follows live
-tensors: `--memory`) or torch's peak allocation (CUDA), per rank, max over ranks; one step of the
-head at C = 1000 first takes the one-off library start-up out of the baseline.
+before the head is built over its first step (CPU, with freed blocks returned to the OS at once, so
+that it follows live tensors: `measure`) or torch's peak allocation (CUDA), per rank, max over
+ranks; one step of the head at C = 1000 first takes the one-off library start-up out of the baseline.
 `update=sparse` reads the sampled class rows with a sparse gradient and updates only them, with
 momentum and weight decay of the other rows caught up lazily (`unitsface.optim`); `dense` is
 torch's SGD, whose Partial FC gradient spans all C rows. For heads with per-identity buffers
@@ -16,13 +16,14 @@ Every measurement prints one line ending in a JSON object; ratio lines follow (a
 
     python bench/head_scaling.py                      # C = 10k, 100k; 1 and 2 ranks (a few minutes)
     python bench/head_scaling.py --classes 1000000 --heads cosface@0.1 --ranks 1
-    python bench/head_scaling.py --classes 100000 --heads cosface unitsface --memory heap
+    python bench/head_scaling.py --classes 100000 --heads cosface unitsface --updates dense
     python bench/head_scaling.py --device cuda --classes 1000000 2000000 --ranks 1
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -40,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unitsface import heads, optim, parallel  # noqa: E402
 from unitsface.training import distributed  # noqa: E402
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
 
 # insightface PartialFC_V2 + CosFace on this kind of machine (1 gloo rank, B=128, d=512, SGD with
 # momentum and weight decay), ms/step, from the issue: {sample_rate: {C: ms}}.
@@ -129,9 +132,25 @@ def warm_libraries(args: argparse.Namespace, spec: dict[str, Any], device: torch
     opt.step()
 
 
+def mmap_threshold(nbytes: int) -> bool:
+    """Have glibc serve every allocation of `nbytes` or more by its own mmap, so that freeing it gives
+    the pages back to the OS at once; False where the C library is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement on this rank (inside the process group, if any)."""
+    """One measurement on this rank (inside the process group, if any).
+
+    CPU memory is the peak RSS growth over the first step, taken with blocks of 1 MB or more mapped
+    one by one (freed at once), so that it follows live tensors as torch.cuda's peak allocation does;
+    the later steps run with glibc's usual heap reuse (a 32 MB threshold, the top of its own dynamic
+    range), as the timed steps must not pay a page fault for every fresh temporary.
+    """
     device = torch.device(args.device, parallel.rank()) if args.device == "cuda" else torch.device("cpu")
+    live = device.type == "cpu" and mmap_threshold(1 << 20)
     warm_libraries(args, spec, device)
     base = rss_bytes()
     if device.type == "cuda":
@@ -157,13 +176,16 @@ def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
+        if step == 0 and device.type == "cpu":
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+            if live:
+                mmap_threshold(32 << 20)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     opt.catch_up()
     measured = times[args.warmup:]
     return {"ms_per_step": 1000 * sorted(measured)[len(measured) // 2], "peak_mb_per_rank": peak / 2**20,
+            "memory": "cuda_allocated" if device.type == "cuda" else "live" if live else "rss",
             "loss": sum(losses[args.warmup:]) / args.steps, **bf16_state_effect(head, args, device)}
 
 
@@ -190,8 +212,7 @@ def run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         torch.multiprocessing.spawn(worker, args=(spec["ranks"], free_port(), args, spec, out), nprocs=spec["ranks"])
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(spec["ranks"])]
-    result = dict(spec, batch_per_rank=args.batch, dim=args.dim, device=args.device, threads_per_rank=args.threads,
-                  memory=args.memory)
+    result = dict(spec, batch_per_rank=args.batch, dim=args.dim, device=args.device, threads_per_rank=args.threads)
     result.update(ranks[0])
     result["ms_per_step"] = max(r["ms_per_step"] for r in ranks)
     result["peak_mb_per_rank"] = max(r["peak_mb_per_rank"] for r in ranks)
@@ -252,14 +273,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--memory", choices=["live", "heap"], default="live",
-                        help="CPU: 'live' (default) makes glibc return every freed block of 1 MB or more to the "
-                             "OS, so peak RSS follows live tensors, as torch.cuda's peak allocation does on a "
-                             "GPU (each fresh block then costs page faults: a few %% of step time); 'heap' is "
-                             "the plain process, whose RSS also keeps freed blocks in glibc's heap")
     args = parser.parse_args()
-    if args.memory == "live":  # read by glibc when each spawned worker starts
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (memory is read over the first step)")
     results = []
     for classes in args.classes:
         for spec_text in args.heads:
