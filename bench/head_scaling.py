@@ -12,10 +12,15 @@ torch's SGD, whose Partial FC gradient spans all C rows. For heads with per-iden
 (memory, prototypes) the loss is also computed with those buffers rounded to bf16 (the memory
 that storing them in bf16 would save, and its effect on the loss).
 
+Timed steps run with glibc caching freed memory (`--allocator caching`, as torch's CUDA allocator
+does); `--allocator default` times plain processes, whose page faults on fresh multi-GB tensors
+dominate at C = 1M (use it to compare with timings taken that way, such as the insightface anchor).
+
 Every measurement prints one line ending in a JSON object; ratio lines follow (also JSON).
 
     python bench/head_scaling.py                      # C = 10k, 100k; 1 and 2 ranks (a few minutes)
     python bench/head_scaling.py --classes 1000000 --heads cosface@0.1 --ranks 1
+    python bench/head_scaling.py --allocator default --heads cosface cosface@0.1 --ranks 1   # vs the anchor
     python bench/head_scaling.py --classes 100000 --heads cosface unitsface --updates dense
     python bench/head_scaling.py --device cuda --classes 1000000 2000000 --ranks 1
 """
@@ -42,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unitsface import heads, optim, parallel  # noqa: E402
 from unitsface.training import distributed  # noqa: E402
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt() parameter numbers
 
 # insightface PartialFC_V2 + CosFace on this kind of machine (1 gloo rank, B=128, d=512, SGD with
 # momentum and weight decay), ms/step, from the issue: {sample_rate: {C: ms}}.
@@ -132,25 +137,39 @@ def warm_libraries(args: argparse.Namespace, spec: dict[str, Any], device: torch
     opt.step()
 
 
-def mmap_threshold(nbytes: int) -> bool:
-    """Have glibc serve every allocation of `nbytes` or more by its own mmap, so that freeing it gives
-    the pages back to the OS at once; False where the C library is not glibc."""
+def mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(); False where the C library is not glibc."""
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
     except (OSError, AttributeError):
         return False
+
+
+def set_allocator(mode: str) -> bool:
+    """How glibc serves the CPU tensors of the following steps; False where that cannot be set.
+
+    live: every block of 1 MB or more is its own mmap, given back when freed, so the RSS follows
+    live tensors (for the memory reading). default: glibc's usual heap reuse below 32 MB (the top
+    of its dynamic threshold), fresh zero-filled pages for every larger tensor. caching: nothing
+    is given back, as torch's CUDA caching allocator does; at C = 1M the default's page faults
+    (1.2–1.4 s per fresh 2 GB here) double the step time of every head, whatever its arithmetic.
+    """
+    if mode == "live":
+        return mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    if mode == "default":
+        return mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1)
 
 
 def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement on this rank (inside the process group, if any).
 
-    CPU memory is the peak RSS growth over the first step, taken with blocks of 1 MB or more mapped
-    one by one (freed at once), so that it follows live tensors as torch.cuda's peak allocation does;
-    the later steps run with glibc's usual heap reuse (a 32 MB threshold, the top of its own dynamic
-    range), as the timed steps must not pay a page fault for every fresh temporary.
+    CPU memory is the peak RSS growth over the first step, taken with the `live` allocator so that
+    it follows live tensors as torch.cuda's peak allocation does; the later steps run with
+    `args.allocator` (see `set_allocator`).
     """
     device = torch.device(args.device, parallel.rank()) if args.device == "cuda" else torch.device("cpu")
-    live = device.type == "cpu" and mmap_threshold(1 << 20)
+    live = device.type == "cpu" and set_allocator("live")
     warm_libraries(args, spec, device)
     base = rss_bytes()
     if device.type == "cuda":
@@ -178,14 +197,15 @@ def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
         losses.append(float(loss.detach()))
         if step == 0 and device.type == "cpu":
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-            if live:
-                mmap_threshold(32 << 20)
+            if live and not set_allocator(args.allocator):
+                raise SystemExit(f"error: cannot set the {args.allocator} allocator")
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     opt.catch_up()
     measured = times[args.warmup:]
     return {"ms_per_step": 1000 * sorted(measured)[len(measured) // 2], "peak_mb_per_rank": peak / 2**20,
             "memory": "cuda_allocated" if device.type == "cuda" else "live" if live else "rss",
+            "allocator": args.allocator if live else "cuda" if device.type == "cuda" else "unknown",
             "loss": sum(losses[args.warmup:]) / args.steps, **bf16_state_effect(head, args, device)}
 
 
@@ -254,9 +274,10 @@ def ratios(results: list[dict[str, Any]]) -> None:
         anchor = ANCHOR_MS.get(r["sample_rate"], {}).get(c)
         if r["head"] == "cosface" and n == 1 and anchor and r["device"] == "cpu":
             ratio = anchor / r["ms_per_step"]
-            emit(f"ratio insightface-anchor/ours cosface@{r['sample_rate']} {r['update']} C={c}: {ratio:.2f}",
-                 {"ratio": "anchor/ours_time", "sample_rate": r["sample_rate"], "update": r["update"], "classes": c,
-                  "anchor_ms": anchor, "value": round(ratio, 3)})
+            emit(f"ratio insightface-anchor/ours cosface@{r['sample_rate']} {r['update']} C={c}: {ratio:.2f} "
+                 f"({r['allocator']} allocator)", {"ratio": "anchor/ours_time", "sample_rate": r["sample_rate"],
+                                                   "update": r["update"], "classes": c, "anchor_ms": anchor,
+                                                   "allocator": r["allocator"], "value": round(ratio, 3)})
 
 
 def main() -> int:
@@ -273,6 +294,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--allocator", choices=["caching", "default"], default="caching",
+                        help="CPU: how glibc serves the tensors of the steps after the first (see set_allocator); "
+                             "'default' for comparisons with timings of plain processes")
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (memory is read over the first step)")

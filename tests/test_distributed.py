@@ -63,12 +63,12 @@ BATCH = 4  # per rank and micro-step; one process uses WORLD × BATCH. Every run
 
 def run_config(data: Path, out: Path, max_steps: int, batch: int, checkpoint_every: int = 0,
                extra: tuple[str, ...] = ()) -> dict:
-    return load_config(None, [*extra,
+    return load_config(None, [
         f"data.train={data}", "model.backbone=tinyfacenet", "model.embedding_size=32",
         "head.name=unitsface", "head.warmup_epochs=0", "head.min_fill=0.0",
         f"train.batch_size={batch}", "train.grad_accumulation=2", "train.epochs=1",
         f"train.max_steps={max_steps}", "train.lr=0.05", "train.workers=0", "train.device=cpu",
-        "train.log_every=1", f"train.checkpoint_every={checkpoint_every}", f"output={out}",
+        "train.log_every=1", f"train.checkpoint_every={checkpoint_every}", f"output={out}", *extra,
     ])
 
 
@@ -460,7 +460,9 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(runs: dict, tmp_path:
 # --------------------------------------------------------------------------- BatchNorm over the global batch
 
 
-SYNC = ("model.sync_batchnorm=true",)
+# A smaller step than the other runs: BatchNorm over 8 samples turns float32 rounding differences (another
+# summation order) into loss differences of 1e-4 within 3 steps at lr 0.05.
+SYNC = ("model.sync_batchnorm=true", "train.lr=0.005")
 SYNC_STEPS = 3
 
 
@@ -554,15 +556,14 @@ def test_sync_batchnorm_two_ranks_train_like_one_process(sync_runs: dict, tmp_pa
     ref, two = losses(root / "ref"), losses(root / "two")
     assert sorted(ref) == sorted(two) == list(range(1, SYNC_STEPS + 1))
     for step in ref:
-        assert two[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), f"step {step}"
+        assert two[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), f"step {step}"
     final = torch.load(root / "two" / "last.pt", weights_only=True)["model"]
     expected = torch.load(root / "ref" / "last.pt", weights_only=True)["model"]
     assert list(final) == list(expected) and any(k.endswith("running_var") for k in expected)
-    # BatchNorm over 8 samples amplifies float32 rounding: two one-process runs that differ only in the
-    # number of torch threads (another summation order) end up to 6e-4 apart here; in float64 the ranks
-    # match one process to 1e-12.
+    # Within float32 rounding, amplified by BatchNorm over 8 samples (1e-6 and 3e-5 measured at lr 0.005;
+    # two one-process runs that differ only in torch's thread count drift 6e-4 apart at lr 0.05).
     for key, value in expected.items():
-        assert_close(final[key], value, f"model.{key}", atol=3e-3)
+        assert_close(final[key], value, f"model.{key}", atol=3e-4)
     with patched_trainer(batch_statistics=True):
         plain = trainer.Trainer(run_config(sync_runs["data"], tmp_path, SYNC_STEPS, WORLD * BATCH),
                                 resume=root / "two" / "last.pt")

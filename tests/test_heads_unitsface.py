@@ -302,6 +302,35 @@ def test_unitsface_waits_for_min_fill():
     assert not head.sample_to_sample_active() and not bool(head.bias_initialised)
     head(torch.randn(1, 8), torch.tensor([2]))
     assert head.sample_to_sample_active()
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state["filled"][:] = False  # an emptier memory loaded into a head that had reached min_fill
+    head.load_state_dict(state)
+    assert not head.sample_to_sample_active()
+
+
+@pytest.mark.parametrize("memory_dtype", ["bfloat16", "float16"])
+def test_half_precision_memory_stores_rounded_features_and_barely_moves_the_loss(memory_dtype):
+    """The memory is kept in 16 bits (half the bytes); the loss reads it into fp32 and matches the fp32
+    memory head holding the same rounded features exactly, the fp32 features to the rounding."""
+    g = torch.Generator().manual_seed(11)
+    x1, x2 = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    half = fresh("unitsface", num_classes=6, dim=16, memory_dtype=memory_dtype, min_fill=0.0)
+    full = fresh("unitsface", num_classes=6, dim=16, min_fill=0.0)
+    full.load_state_dict(half.state_dict())
+    assert half.memory.dtype == getattr(torch, memory_dtype) and half.memory.element_size() == 2
+    for head in (half, full):
+        head.set_epoch(1)
+        head(x1, y)  # fills the memory (b0 comes from the second call)
+    torch.testing.assert_close(half.memory.float(), full.memory.to(half.memory.dtype).float())
+    exact = fresh("unitsface", num_classes=6, dim=16, min_fill=0.0)
+    exact.load_state_dict({**full.state_dict(), "memory": half.memory.float()})
+    exact.set_epoch(1)
+    losses = [head(x2, y).item() for head in (half, full, exact)]
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+    with pytest.raises(UnitsfaceError, match="memory_dtype"):
+        heads.build("uss", 6, 16, memory_dtype="int8")
 
 
 # --------------------------------------------------------------------------- UniFace heads

@@ -22,21 +22,29 @@ from unitsface.losses import functional as LF
 from unitsface.losses import rows as LR
 from unitsface.parallel import sum_over_shards
 
+MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class IdentityMemory(Head):
-    """One fp32 feature per identity of this shard (`memory`) and a `filled` mask (methods.md §2.1).
+    """One feature per identity of this shard (`memory`) and a `filled` mask (methods.md §2.1).
 
     Each forward call reads the memory as it was before the call, then writes the batch's
-    detached raw features (last occurrence of a label wins), in training mode only. Autograd
-    keeps normalised copies of the rows and a copy of the mask, so writing the buffers before
-    backward() is safe. With `sample_rate` < 1 the loss reads only this step's Partial FC
-    columns (positives always among them, §2.8 [unverified]); the writes still reach every
-    label of the batch.
+    detached raw features (last occurrence of a label wins), in training mode only. The losses
+    read the buffers in their forward pass only (autograd keeps normalised copies, or the
+    gradient itself), so writing them before backward() is safe. With `sample_rate` < 1 the
+    loss reads only this step's Partial FC columns (positives always among them, §2.8
+    [unverified]); the writes still reach every label of the batch.
+
+    `memory_dtype` "bfloat16" or "float16" stores the features at half the memory (4 GB → 2 GB
+    at 2M identities, d = 512); they are rounded when written and read into fp32 for the loss.
+    Not in the reference code, which keeps fp32; bench/head_scaling.py measures the loss change.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
-        self.register_buffer("memory", torch.zeros(self.shard.size, embedding_size))
+    def init_memory(self, memory_dtype: str) -> None:
+        if memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"memory_dtype must be one of {', '.join(MEMORY_DTYPES)}, got {memory_dtype!r}")
+        self.register_buffer("memory", torch.zeros(self.shard.size, self.embedding_size,
+                                                   dtype=MEMORY_DTYPES[memory_dtype]))
         self.register_buffer("filled", torch.zeros(self.shard.size, dtype=torch.bool))
 
     def memory_cosine(self, x: torch.Tensor, sample: ColumnSample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +118,9 @@ class SampleSoftmaxHead(IdentityMemory):
     """Sample-to-sample softmax over the memory, s=64, m=0.1; unfilled slots masked (§2.3)."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
-                 sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, sample_rate)
+                 sample_rate: float = 1.0, memory_dtype: str = "float32") -> None:
+        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
+        self.init_memory(memory_dtype)
         self.s, self.m = float(s), float(m)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,8 +136,10 @@ class USSHead(MemoryThresholdHead):
     """USS: unified-threshold sample-to-sample loss, one scalar b, s=64, m=0.1 (§2.2); t = b/s."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
-                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, sample_rate)
+                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0,
+                 memory_dtype: str = "float32") -> None:
+        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
+        self.init_memory(memory_dtype)
         self.s, self.m, self.clamp = float(s), float(m), clamp_mode(clamp)
         self.init_threshold_bias(per_class=False, bias_init=bias_init)
 
@@ -139,8 +150,10 @@ class SampleBCEHead(MemoryThresholdHead):
     t_j = b_j/s."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
-                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, sample_rate)
+                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0,
+                 memory_dtype: str = "float32") -> None:
+        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
+        self.init_memory(memory_dtype)
         self.s, self.m, self.clamp = float(s), float(m), clamp_mode(clamp)
         self.init_threshold_bias(per_class=True, bias_init=bias_init)
 
@@ -161,8 +174,9 @@ class UniTSFaceHead(ClassifierHead, MemoryThresholdHead):
                  m_sample: float = 0.1, bias_init: float | None = None, clamp: bool | str = False,
                  warmup_epochs: int = 1, min_fill: float = 0.99,
                  weights: Sequence[float] = (1.0, 1.0), weight_init: str = "normal",
-                 sample_rate: float = 1.0) -> None:
+                 sample_rate: float = 1.0, memory_dtype: str = "float32") -> None:
         super().__init__(num_classes, embedding_size, weight_init, sample_rate)
+        self.init_memory(memory_dtype)
         if not isinstance(weights, (list, tuple)) or len(weights) != 2:
             raise ValueError(f"weights must be two numbers (CosFace, USS), got {weights!r}")
         if not 0.0 <= min_fill <= 1.0:
@@ -171,10 +185,21 @@ class UniTSFaceHead(ClassifierHead, MemoryThresholdHead):
         self.clamp = clamp_mode(clamp)
         self.warmup_epochs, self.min_fill = int(warmup_epochs), float(min_fill)
         self.weights = (float(weights[0]), float(weights[1]))
+        self._memory_ready = False
         self.init_threshold_bias(per_class=False, bias_init=bias_init)
 
     def sample_to_sample_active(self) -> bool:
-        return self.epoch >= self.warmup_epochs and self.filled_fraction() >= self.min_fill
+        """Past the warm-up epochs and the memory filled to `min_fill`. The fill check is an all-reduce;
+        training never empties a slot, so once reached it is remembered (until a state dict is loaded)."""
+        if self.epoch < self.warmup_epochs:
+            return False
+        if not self._memory_ready:
+            self._memory_ready = self.filled_fraction() >= self.min_fill
+        return self._memory_ready
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        self._memory_ready = False  # the loaded memory may be less filled
+        super()._load_from_state_dict(*args, **kwargs)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sample = self.columns_for(labels)  # one Partial FC draw for `weight` and `memory` alike

@@ -50,8 +50,8 @@ def cosine(embeddings: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) 
 
 
 def row_norms(rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """max(|row|, eps), the denominator of every cosine against `rows`."""
-    return torch.linalg.vector_norm(rows, dim=1).clamp_min(eps)
+    """max(|row|, eps) in fp32 (whatever the rows' dtype), the denominator of every cosine against `rows`."""
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).clamp_min(eps)
 
 
 def unit_cosine(unit_x: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:

@@ -52,9 +52,13 @@ class _Chunk:
         """(batch row, chunk column) index pair of every positive entry in the chunk."""
         return self.rows_with_positive, self.positive_columns
 
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """These rows in fp32: a view of fp32 rows, a chunk-sized copy of a bf16/fp16 memory."""
+        return rows[self.start : self.end].float()
+
     def cosine(self, unit_x: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """B×w cosines of unit `unit_x` against these raw rows (a fresh tensor, free to modify)."""
-        return (unit_x @ rows[self.start : self.end].t()).div_(norms[self.start : self.end])
+        return (unit_x @ self.rows(rows).t()).div_(norms[self.start : self.end])
 
 
 def column_chunks(labels: torch.Tensor, num_columns: int, dim: int) -> Iterator[_Chunk]:
@@ -140,14 +144,14 @@ class _ThresholdBCERows(torch.autograd.Function):
                 ) -> torch.Tensor:
         s, m, neg_weight, clamp = params
         want_x, want_bias = differentiate and ctx.needs_input_grad[0], differentiate and ctx.needs_input_grad[2]
-        norms = row_norms(rows)
+        scale = row_norms(rows).reciprocal_().mul_(s)  # s/‖M_j‖: the cosine's division and s in one pass
         total = torch.zeros((), device=x.device)
         grad_x = torch.zeros_like(x) if want_x else None
         grad_bias = torch.zeros_like(bias) if want_bias else None
         for chunk in column_chunks(labels, rows.shape[0], rows.shape[1]):
             a, b = chunk.start, chunk.end
             # u = s·(c − m·onehot) − b, the argument of the negatives' softplus; positives take −u.
-            u = chunk.cosine(x, rows, norms).mul_(s).sub_(bias if bias.numel() == 1 else bias[a:b])
+            u = (x @ chunk.rows(rows).t()).mul_(scale[a:b]).sub_(bias if bias.numel() == 1 else bias[a:b])
             u[chunk.positives] -= s * m
             inside = None
             if clamp:  # the references' clamp to [−s, s]: no gradient through a clamped term
@@ -158,7 +162,7 @@ class _ThresholdBCERows(torch.autograd.Function):
             if neg_weight != 1.0:
                 positive_terms = terms[chunk.positives]
                 terms.mul_(neg_weight)[chunk.positives] = positive_terms
-            kept = None if valid is None else valid[..., a:b]
+            kept = None if valid is None or bool(valid[..., a:b].all()) else valid[..., a:b]
             if kept is not None:
                 terms.masked_fill_(~kept, 0.0)
             total += terms.sum()
@@ -179,7 +183,7 @@ class _ThresholdBCERows(torch.autograd.Function):
                 else:
                     grad_bias[a:b] -= du.sum(0)
             if grad_x is not None:  # du/dx̂_i = s·M_j/‖M_j‖
-                grad_x.addmm_(du.mul_(s).div_(norms[a:b]), rows[a:b])
+                grad_x.addmm_(du.mul_(scale[a:b]), chunk.rows(rows))
         ctx.save_for_backward(grad_x, grad_bias)
         return total
 
@@ -202,10 +206,11 @@ def threshold_bce_rows_loss(
     valid_columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`functional.threshold_bce_loss(cosine(embeddings, rows), …)` (same arguments) for rows without
-    a gradient (the identity memory, raw: normalised on the fly), mean over the global batch."""
+    a gradient (the identity memory, raw: normalised on the fly; fp32, or bf16/fp16 read chunk by
+    chunk into fp32), mean over the global batch."""
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         x = normalize(embeddings)
-        total = _ThresholdBCERows.apply(x, rows.float(), bias.float(), valid_columns, labels,
+        total = _ThresholdBCERows.apply(x, rows, bias.float(), valid_columns, labels,
                                         (float(s), float(m), float(neg_weight), bool(clamp)), torch.is_grad_enabled())
     return sum_over_shards(total) / labels.numel()
 
@@ -215,8 +220,7 @@ def unified_bias_init_rows(embeddings: torch.Tensor, rows: torch.Tensor, labels:
                            valid_columns: torch.Tensor | None = None) -> torch.Tensor | None:
     """`functional.unified_bias_init(cosine(embeddings, rows), …)` in column chunks (the first step of a
     memory head must not hold a B_global×C_r matrix either)."""
-    x, rows = normalize(embeddings), rows.float()
-    norms = row_norms(rows)
+    x, norms = normalize(embeddings), row_norms(rows)
     parts = []
     for chunk in column_chunks(labels, rows.shape[0], rows.shape[1]):
         kept = None if valid_columns is None else valid_columns[..., chunk.start : chunk.end]
