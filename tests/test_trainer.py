@@ -57,9 +57,13 @@ def test_train_writes_outputs_and_checkpoint_loads_weights_only(cache, tmp_path)
     assert len(losses(out)) == 2 * steps_per_epoch
 
 
-def test_resume_continues_the_same_loss_curve(cache, tmp_path):
+@pytest.mark.parametrize("scale_out", [(), ("head.sample_rate=0.5", "train.sparse_update=true",
+                                              "head.memory_dtype=bfloat16")], ids=["plain", "scale_out"])
+def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
+    """Also with Partial FC, lazily updated rows and a bf16 memory: their state survives the checkpoint."""
     full, part = tmp_path / "full", tmp_path / "part"
-    head = ["head.name=unitsface", "head.s=16.0"]  # has memory + lazily initialised bias: state matters
+    # has memory + lazily initialised bias: state matters
+    head = ["head.name=unitsface", "head.s=16.0", *scale_out]
     Trainer(tiny_config(cache, full, *head)).fit()
     Trainer(tiny_config(cache, part, *head, "train.max_steps=11")).fit()
     assert load_checkpoint(part / "last.pt")["step"] == 11
@@ -70,6 +74,8 @@ def test_resume_continues_the_same_loss_curve(cache, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
     # the USS term switched on in epoch 1, after the resume point: the loss jumps
     assert a[9] > a[8]
+    memory = load_checkpoint(part / "last.pt")["head"]["memory"]
+    assert memory.dtype == (torch.bfloat16 if scale_out else torch.float32)
 
 
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):
