@@ -2,10 +2,12 @@
 
 One step is forward + backward + optimiser step (SGD, momentum 0.9, weight decay 5e-4) of the
 head on random B×d embeddings, B per rank. Each measurement runs in fresh processes (R gloo
-ranks on CPU, or NCCL ranks on GPUs) so that peak memory is its own: peak RSS growth from just
-before the head is built over its first step (CPU, with freed blocks returned to the OS at once, so
-that it follows live tensors: `measure`) or torch's peak allocation (CUDA), per rank, max over
-ranks; one step of the head at C = 1000 first takes the one-off library start-up out of the baseline.
+ranks on CPU, or NCCL ranks on GPUs), once for memory and once for time. Time: the fastest timed
+step (other jobs only add time; the median is in the JSON), the slowest rank's. Memory, per rank
+(max over ranks): the peak over the first step above the memory in use just before the head is
+built: RSS on CPU, made to follow live tensors (`track_live_memory`), torch's allocation on CUDA.
+One step of the head and optimiser at C = 1000 first takes the one-off library start-up out of
+that baseline.
 `update=sparse` reads the sampled class rows with a sparse gradient and updates only them, with
 momentum and weight decay of the other rows caught up lazily (`unitsface.optim`); `dense` is
 torch's SGD, whose Partial FC gradient spans all C rows. For heads with per-identity buffers
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unitsface import heads, optim, parallel  # noqa: E402
 from unitsface.training import distributed  # noqa: E402
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt() parameter numbers
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt() parameters
 
 # insightface PartialFC_V2 + CosFace on this kind of machine (1 gloo rank, B=128, d=512, SGD with
 # momentum and weight decay), ms/step, from the issue: {sample_rate: {C: ms}}.
@@ -138,89 +140,105 @@ def warm_libraries(args: argparse.Namespace, spec: dict[str, Any], device: torch
     opt.step()
 
 
-def mallopt(param: int, value: int) -> bool:
-    """glibc's mallopt(); False where the C library is not glibc."""
+def glibc() -> ctypes.CDLL | None:
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except (OSError, AttributeError):
-        return False
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "mallopt") else None
+    except OSError:
+        return None
 
 
-def set_allocator(mode: str) -> bool:
-    """How glibc serves the CPU tensors of the following steps; False where that cannot be set.
-
-    live: every block of 1 MB or more is its own mmap, given back when freed, so the RSS follows
-    live tensors (for the memory reading). default: glibc's usual heap reuse below 32 MB (the top
-    of its dynamic threshold), fresh zero-filled pages for every larger tensor. caching: nothing
-    is given back, as torch's CUDA caching allocator does; at C = 1M the default's page faults
-    (1.2–1.4 s per fresh 2 GB here) double the step time of every head, whatever its arithmetic.
-    """
-    if mode == "live":
-        return mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    if mode == "default":
-        return mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1)
+def cache_freed_memory() -> bool:
+    """glibc keeps every freed block for reuse (no mmap, no trimming), as torch's CUDA allocator does; at
+    C = 1M a plain process instead takes fresh zero-filled pages for every new multi-GB tensor (1.2–1.4 s
+    per 2 GB here), which doubles the step time of every head whatever its arithmetic."""
+    lib = glibc()
+    return lib is not None and bool(lib.mallopt(M_MMAP_MAX, 0)) and bool(lib.mallopt(M_TRIM_THRESHOLD, -1))
 
 
-def measure(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement on this rank (inside the process group, if any).
+def track_live_memory() -> bool:
+    """From here on every block of 1 MB or more is its own mmap, unmapped when freed, so that the RSS
+    follows live tensors as torch.cuda's allocated bytes do. False where glibc is missing."""
+    lib = glibc()
+    return lib is not None and bool(lib.mallopt(M_MMAP_THRESHOLD, 1 << 20))
 
-    CPU memory is the peak RSS growth over the first step, taken with the `live` allocator so that
-    it follows live tensors as torch.cuda's peak allocation does; the later steps run with
-    `args.allocator` (see `set_allocator`).
-    """
-    device = torch.device(args.device, parallel.rank()) if args.device == "cuda" else torch.device("cpu")
-    live = device.type == "cpu" and set_allocator("live")
-    warm_libraries(args, spec, device)
-    base = rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    torch.manual_seed(parallel.rank())
-    head = heads.build(spec["head"], spec["classes"], args.dim, sample_rate=spec["sample_rate"]).to(device).train()
-    make_ready(head)
-    opt = make_optimizer(head, spec["update"])
-    sync = distributed.GradientSync([], head)
-    losses, times = [], []
-    for step in range(args.warmup + args.steps):
-        x, labels = batch(step, spec["classes"], args, device)
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class HeadStep:
+    """A head of the spec with its optimiser, after the library warm-up; `base` is the memory in use
+    just before the head was built."""
+
+    def __init__(self, args: argparse.Namespace, spec: dict[str, Any]) -> None:
+        self.args, self.spec = args, spec
+        self.device = torch.device(args.device, parallel.rank()) if args.device == "cuda" else torch.device("cpu")
+        warm_libraries(args, spec, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = rss_bytes()
+        torch.manual_seed(parallel.rank())
+        self.head = heads.build(spec["head"], spec["classes"], args.dim, sample_rate=spec["sample_rate"])
+        self.head.to(self.device).train()
+        make_ready(self.head)
+        self.opt = make_optimizer(self.head, spec["update"])
+        self.sync = distributed.GradientSync([], self.head)
+
+    def __call__(self, number: int) -> tuple[float, float]:
+        """(seconds, loss) of one forward + backward + optimiser step."""
+        x, labels = batch(number, self.spec["classes"], self.args, self.device)
         if parallel.is_distributed():
             dist.barrier()
         start = time.perf_counter()
-        loss = head(x, labels)
+        loss = self.head(x, labels)
         loss.backward()
-        sync.reduce_head()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-        if step == 0 and device.type == "cpu":
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-            if live and not set_allocator(args.allocator):
-                raise SystemExit(f"error: cannot set the {args.allocator} allocator")
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    opt.catch_up()
-    measured = times[args.warmup:]
-    return {"step_ms": [1000 * t for t in measured], "peak_mb_per_rank": peak / 2**20,
-            "memory": "cuda_allocated" if device.type == "cuda" else "live" if live else "rss",
-            "allocator": args.allocator if live else "cuda" if device.type == "cuda" else "unknown",
-            "loss": sum(losses[args.warmup:]) / args.steps, **bf16_state_effect(head, args, device)}
+        self.sync.reduce_head()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start, float(loss.detach())
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace, spec: dict[str, Any], out: str) -> None:
+def measure_memory(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of the first step above the memory in use before the head was built (its state,
+    optimiser state and temporaries); with bf16 state, the loss change. A process of its own."""
+    live = args.device == "cpu" and track_live_memory()
+    step = HeadStep(args, spec)
+    step(0)
+    if step.device.type == "cuda":
+        peak, memory = torch.cuda.max_memory_allocated(step.device) - step.base, "cuda_allocated"
+    else:
+        peak, memory = peak_rss_bytes() - step.base, "live" if live else "rss"
+    return {"peak_mb_per_rank": peak / 2**20, "memory": memory, **bf16_state_effect(step.head, args, step.device)}
+
+
+def measure_time(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """Warm-up and timed steps under `args.allocator`, in a process of its own."""
+    if args.device == "cpu" and args.allocator == "caching" and not cache_freed_memory():
+        raise SystemExit("error: --allocator caching needs glibc")
+    step = HeadStep(args, spec)
+    times, losses = zip(*(step(n) for n in range(args.warmup + args.steps)))
+    step.opt.catch_up()
+    return {"step_ms": [1000 * t for t in times[args.warmup:]], "loss": sum(losses[args.warmup:]) / args.steps,
+            "allocator": args.allocator if args.device == "cpu" else "cuda"}
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, spec: dict[str, Any], out: str,
+           what: str) -> None:
     torch.set_num_threads(args.threads)
     if world > 1:
         backend = "nccl" if args.device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        result = measure(args, spec)
+        result = (measure_memory if what == "memory" else measure_time)(args, spec)
     finally:
         if world > 1:
             dist.destroy_process_group()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    Path(out, f"{what}{rank}.json").write_text(json.dumps(result))
 
 
 def free_port() -> int:
@@ -230,16 +248,22 @@ def free_port() -> int:
 
 
 def run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """Memory and time of one spec, each from fresh processes (the allocator settings of one would
+    distort the other)."""
+    ranks: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as out:
-        torch.multiprocessing.spawn(worker, args=(spec["ranks"], free_port(), args, spec, out), nprocs=spec["ranks"])
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(spec["ranks"])]
+        for what in ("memory", "time"):
+            torch.multiprocessing.spawn(worker, args=(spec["ranks"], free_port(), args, spec, out, what),
+                                        nprocs=spec["ranks"])
+            ranks[what] = [json.loads(Path(out, f"{what}{r}.json").read_text()) for r in range(spec["ranks"])]
     # A step ends when its slowest rank does; other jobs on the machine only ever add time, so the
     # fastest step is the reading least disturbed by them (the median is kept beside it).
-    steps = sorted(max(times) for times in zip(*(r.pop("step_ms") for r in ranks)))
+    steps = sorted(max(times) for times in zip(*(r.pop("step_ms") for r in ranks["time"])))
     result = dict(spec, batch_per_rank=args.batch, dim=args.dim, device=args.device, threads_per_rank=args.threads)
-    result.update(ranks[0])
+    result.update(ranks["memory"][0])
+    result.update(ranks["time"][0])
     result["ms_per_step"], result["ms_median"] = steps[0], steps[len(steps) // 2]
-    result["peak_mb_per_rank"] = max(r["peak_mb_per_rank"] for r in ranks)
+    result["peak_mb_per_rank"] = max(r["peak_mb_per_rank"] for r in ranks["memory"])
     return {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()}
 
 
@@ -299,11 +323,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--allocator", choices=["default", "caching"], default="default",
-                        help="CPU: how glibc serves the tensors of the steps after the first (see set_allocator); "
-                             "'caching' keeps the OS's page faults out of the arithmetic being compared")
+                        help="CPU: 'default' times a plain process; 'caching' keeps freed memory for reuse "
+                             "(cache_freed_memory), so that the OS's page faults stay out of the comparison")
     args = parser.parse_args()
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1 (memory is read over the first step)")
     results = []
     for classes in args.classes:
         for spec_text in args.heads:
