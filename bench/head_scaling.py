@@ -252,6 +252,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, spec: dic
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = {"memory": measure_memory, "time": measure_time, "pair": measure_pair}[what](args, spec)
+        if world > 1:
+            dist.barrier()  # no rank tears the group down while a peer may still be using it
     finally:
         if world > 1:
             dist.destroy_process_group()
