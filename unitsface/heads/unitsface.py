@@ -135,27 +135,23 @@ class SampleSoftmaxHead(IdentityMemory):
 class USSHead(MemoryThresholdHead):
     """USS: unified-threshold sample-to-sample loss, one scalar b, s=64, m=0.1 (§2.2); t = b/s."""
 
+    per_class_bias = False
+
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
                  bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0,
                  memory_dtype: str = "float32") -> None:
         super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
         self.init_memory(memory_dtype)
         self.s, self.m, self.clamp = float(s), float(m), clamp_mode(clamp)
-        self.init_threshold_bias(per_class=False, bias_init=bias_init)
+        self.init_threshold_bias(per_class=self.per_class_bias, bias_init=bias_init)
 
 
 @register("ss_bce")
-class SampleBCEHead(MemoryThresholdHead):
+class SampleBCEHead(USSHead):
     """Sample-to-sample BCE with one bias per class, sharded (and sampled) with the memory (§2.4);
-    t_j = b_j/s."""
+    t_j = b_j/s. The same loss as USS otherwise."""
 
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1,
-                 bias_init: float | None = None, clamp: bool | str = False, sample_rate: float = 1.0,
-                 memory_dtype: str = "float32") -> None:
-        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
-        self.init_memory(memory_dtype)
-        self.s, self.m, self.clamp = float(s), float(m), clamp_mode(clamp)
-        self.init_threshold_bias(per_class=True, bias_init=bias_init)
+    per_class_bias = True
 
 
 @register("unitsface")
