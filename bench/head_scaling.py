@@ -157,6 +157,12 @@ def cache_freed_memory() -> bool:
     return lib is not None and bool(lib.mallopt(M_MMAP_MAX, 0)) and bool(lib.mallopt(M_TRIM_THRESHOLD, -1))
 
 
+def timing_allocator(args: argparse.Namespace) -> None:
+    """Set `args.allocator` for the timed steps of this process (`default`: glibc as it starts)."""
+    if args.device == "cpu" and args.allocator == "caching" and not cache_freed_memory():
+        raise SystemExit("error: --allocator caching needs glibc")
+
+
 def track_live_memory() -> bool:
     """From here on every block of 1 MB or more is its own mmap, unmapped when freed, so that the RSS
     follows live tensors as torch.cuda's allocated bytes do. False where glibc is missing."""
@@ -219,11 +225,9 @@ def measure_memory(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, 
 
 def measure_time(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     """Warm-up and timed steps under `args.allocator`, in a process of its own."""
-    if args.device == "cpu" and args.allocator == "caching" and not cache_freed_memory():
-        raise SystemExit("error: --allocator caching needs glibc")
+    timing_allocator(args)
     step = HeadStep(args, spec)
     times, losses = zip(*(step(n) for n in range(args.warmup + args.steps)))
-    step.opt.catch_up()
     return {"step_ms": [1000 * t for t in times[args.warmup:]], "loss": sum(losses[args.warmup:]) / args.steps,
             "allocator": args.allocator if args.device == "cpu" else "cuda"}
 
@@ -234,8 +238,7 @@ PAIR = ("cosface", "unitsface")
 def measure_pair(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     """Steps of `cosface` and `unitsface` alternated in one process, for their time ratio: a slow spell
     of a shared machine then hits both heads alike (separate runs of the two drift by ±20 % here)."""
-    if args.device == "cpu" and args.allocator == "caching" and not cache_freed_memory():
-        raise SystemExit("error: --allocator caching needs glibc")
+    timing_allocator(args)
     steps = {name: HeadStep(args, dict(spec, head=name)) for name in PAIR}
     times: dict[str, list[float]] = {name: [] for name in PAIR}
     for n in range(args.warmup + args.steps):

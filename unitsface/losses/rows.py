@@ -87,25 +87,25 @@ class _CosFaceRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: float,  # type: ignore[override]
                 m: float) -> torch.Tensor:
-        norms = row_norms(rows)
+        length = torch.linalg.vector_norm(rows, dim=1)
+        # ‖W_j‖ is differentiated only where the eps floor is not in effect (clamp_min's rule).
+        norms, unclamped = length.clamp_min(NORM_EPS), length >= NORM_EPS
         lse_parts, target = [], torch.zeros(x.shape[0], device=x.device)
         for chunk in column_chunks(labels, rows.shape[0], rows.shape[1]):
             z = _cosface_logits(chunk, chunk.cosine(x, rows, norms), s, m)
             target.index_add_(0, chunk.rows_with_positive, z[chunk.positives])
             lse_parts.append(torch.logsumexp(z, dim=1))
         lse = logsumexp_over_shards(torch.stack(lse_parts, 1), dim=1)
-        ctx.save_for_backward(x, rows, labels, norms, lse)
+        ctx.save_for_backward(x, rows, labels, norms, unclamped, lse)
         ctx.s, ctx.m = s, m
         return lse - sum_over_shards(target)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, rows, labels, norms, lse = ctx.saved_tensors
+        x, rows, labels, norms, unclamped, lse = ctx.saved_tensors
         s, m = ctx.s, ctx.m
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[1] else None
-        # ‖W_j‖ is differentiated only where the eps floor is not in effect (clamp_min's rule).
-        unclamped = torch.linalg.vector_norm(rows, dim=1) >= NORM_EPS
         for chunk in column_chunks(labels, rows.shape[0], rows.shape[1]):
             a, b = chunk.start, chunk.end
             cos = chunk.cosine(x, rows, norms)
@@ -134,6 +134,13 @@ def cosface_rows_loss(embeddings: torch.Tensor, rows: torch.Tensor, labels: torc
 # ------------------------------------------------------------------------ threshold BCE, memory
 
 
+def _weigh_negatives(chunk: _Chunk, values: torch.Tensor, neg_weight: float) -> None:
+    """values *= λ in place, except at the positive entries."""
+    if neg_weight != 1.0:
+        positives = values[chunk.positives]
+        values.mul_(neg_weight)[chunk.positives] = positives
+
+
 class _ThresholdBCERows(torch.autograd.Function):
     """Sum over the batch and this shard's columns of the threshold-BCE terms of unit `x`
     against raw rows without a gradient; d/dx and d/db are accumulated in the forward."""
@@ -159,9 +166,7 @@ class _ThresholdBCERows(torch.autograd.Function):
                 u.clamp_(-s, s)
             u[chunk.positives] = -u[chunk.positives]
             terms = F.softplus(u)
-            if neg_weight != 1.0:
-                positive_terms = terms[chunk.positives]
-                terms.mul_(neg_weight)[chunk.positives] = positive_terms
+            _weigh_negatives(chunk, terms, neg_weight)
             kept = None if valid is None or bool(valid[..., a:b].all()) else valid[..., a:b]
             if kept is not None:
                 terms.masked_fill_(~kept, 0.0)
@@ -171,9 +176,7 @@ class _ThresholdBCERows(torch.autograd.Function):
             # d term / d u = σ(±u)·(±1)·λ_j, 0 where clamped or masked.
             du = u.sigmoid_()
             du[chunk.positives] = -du[chunk.positives]
-            if neg_weight != 1.0:
-                positive_du = du[chunk.positives]
-                du.mul_(neg_weight)[chunk.positives] = positive_du
+            _weigh_negatives(chunk, du, neg_weight)
             for mask in (inside, kept):
                 if mask is not None:
                     du.masked_fill_(~mask, 0.0)
