@@ -22,8 +22,11 @@ from unitsface.errors import UnitsfaceError
 DEFAULTS: dict[str, Any] = {
     "data": {
         "train": "synthetic",  # a folder with train.rec/train.idx, or "synthetic"
-        "val": [],  # .bin files; with data.train=synthetic the generated val.bin is added
-        "synthetic": {"identities": 500, "images_per_identity": 20, "seed": 0, "val_pairs": 1000},
+        # .bin pair lists, .rec sets or folders of identities (scored all-pairs); empty with
+        # data.train=synthetic: the set's own val.bin and held-out identities (heldout/)
+        "val": [],
+        "synthetic": {"identities": 500, "images_per_identity": 20, "seed": 0, "val_pairs": 1000,
+                      "heldout_identities": 100, "heldout_images": 8},
         "cache": None,  # where the synthetic set is generated; default ~/.cache/unitsface
         "max_bad_fraction": 0.001,
     },
@@ -52,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "workers": 2,
         "device": "auto",
         "log_every": 10,
+        "val_every": 0,  # validate every N optimizer steps; 0: at the end of every epoch (and always at the end)
         "checkpoint_every": 0,
         "tensorboard": False,
         "clamp_prelu": 0.01,
@@ -68,6 +72,8 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.synthetic.images_per_identity": (int,),
     "data.synthetic.seed": (int,),
     "data.synthetic.val_pairs": (int,),
+    "data.synthetic.heldout_identities": (int,),
+    "data.synthetic.heldout_images": (int,),
     "data.cache": (str, type(None)),
     "data.max_bad_fraction": (float, int),
     "model.backbone": (str,),
@@ -93,6 +99,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.device": (str,),
     "train.log_every": (int,),
     "train.checkpoint_every": (int,),
+    "train.val_every": (int,),
     "train.tensorboard": (bool,),
     "train.clamp_prelu": (float, int, type(None)),
     "train.flip": (bool,),
@@ -107,6 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = ("train.batch_size", "train.epochs", "train.grad_accumulation", "train.log_every",
             "model.embedding_size", "data.synthetic.identities", "data.synthetic.images_per_identity",
+            "data.synthetic.heldout_identities", "data.synthetic.heldout_images",
             "train.lr")
 
 
@@ -198,26 +206,25 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise UnitsfaceError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         if key in POSITIVE and value <= 0:
             raise UnitsfaceError(f"config key {key!r} must be positive, got {value!r}")
+    for key in ("train.val_every", "train.checkpoint_every"):
+        if flat[key] < 0:
+            raise UnitsfaceError(f"config key {key!r} must be 0 or a number of steps, got {flat[key]}")
     if flat["train.max_steps"] is not None and flat["train.max_steps"] <= 0:
         raise UnitsfaceError(f"config key 'train.max_steps' must be positive, got {flat['train.max_steps']}")
     if not all(isinstance(m, int) and m >= 0 for m in flat["train.milestones"]):
         raise UnitsfaceError(f"train.milestones must be a list of epoch numbers, got {flat['train.milestones']}")
     if not all(isinstance(v, str) for v in flat["data.val"]):
-        raise UnitsfaceError(f"data.val must be a list of .bin paths, got {flat['data.val']}")
+        raise UnitsfaceError(f"data.val must be a list of paths (.bin files, .rec sets, identity folders), "
+                             f"got {flat['data.val']}")
     if flat["model.backbone"] not in models.names():
         raise UnitsfaceError(f"unknown model.backbone {flat['model.backbone']!r}; known: {', '.join(models.names())}")
     head = dict(config["head"])
     name = head.pop("name", None)
     if not isinstance(name, str) or name not in heads.names():
         raise UnitsfaceError(f"unknown head.name {name!r}; known: {', '.join(heads.names())}")
+    heads.check_parameters(name, head, prefix="head.")
     accepted = heads.head_parameters(name)
     for key, value in head.items():
-        if key not in accepted:
-            hint = difflib.get_close_matches(key, list(accepted), n=1)
-            raise UnitsfaceError(
-                f"head {name!r} has no parameter {key!r}"
-                + (f" (did you mean 'head.{hint[0]}'?)" if hint else f"; it accepts: {', '.join(sorted(accepted))}")
-            )
         default = accepted[key]
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):

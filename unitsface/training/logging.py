@@ -13,6 +13,8 @@ from typing import Any
 from tqdm import tqdm
 
 from unitsface.errors import UnitsfaceError
+from unitsface.evaluation.report import jsonable, summary
+from unitsface.evaluation.threshold import format_rate
 
 
 class RunLogger:
@@ -53,17 +55,31 @@ class RunLogger:
                 if key not in ("step", "epoch"):
                     self.writer.add_scalar(f"train/{key}", value, step)
 
-    def validation(self, step: int, epoch: int, results: dict[str, Any]) -> None:
+    def validation(self, step: int, epoch: int, results: dict[str, Any],
+                   operating_points: dict[str, dict[str, Any]]) -> None:
+        """One metrics.jsonl record per validation: each set's summary and, for a learned threshold, its
+        operating point on each set; one line on the console."""
         if not self.enabled or not results:
             return
-        summary = {name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"]}
-                   for name, r in results.items()}
-        self._write({"step": step, "epoch": epoch, "validation": summary})
-        self.bar.write(" | ".join(f"{n}: {v['accuracy'] * 100:.2f}±{v['accuracy_std'] * 100:.2f}"
-                                  for n, v in summary.items()) + f"  (step {step})")
+        summaries = {name: summary(r) for name, r in results.items()}
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "validation": summaries}
+        if operating_points:
+            record["threshold_operating_point"] = operating_points
+        self._write(jsonable(record))
+        parts = []
+        for name, r in summaries.items():
+            text = f"{name}: " + (f"{r['accuracy'] * 100:.2f}±{r['accuracy_std'] * 100:.2f}" if "accuracy" in r
+                                  else f"AUC {r['auc'] * 100:.2f}")
+            if name in operating_points:
+                point = operating_points[name]
+                text += f", t={point['threshold']:.3f} at TAR {point['tar']:.3f} FAR {format_rate(point['far'])}"
+            parts.append(text)
+        self.bar.write(" | ".join(parts) + f"  (step {step})")
         if self.writer is not None:
-            for name, values in summary.items():
-                self.writer.add_scalar(f"val/{name}/accuracy", values["accuracy"], step)
+            for name, values in summaries.items():
+                self.writer.add_scalar(f"val/{name}/auc", values["auc"], step)
+                if "accuracy" in values:
+                    self.writer.add_scalar(f"val/{name}/accuracy", values["accuracy"], step)
 
     def close(self) -> None:
         self.bar.close()
@@ -71,3 +87,27 @@ class RunLogger:
             self.metrics.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order (a resumed run appends to the same file)."""
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def threshold_history(path: Path, set_name: str) -> dict[str, Any]:
+    """The learned threshold over the logged steps and its operating point on `set_name` at every validation,
+    from a run's metrics.jsonl (what `plot_threshold` draws). A resumed run may log a step twice; the last
+    record of a step wins."""
+    steps: dict[int, float] = {}
+    validations: dict[int, dict[str, Any]] = {}
+    for record in read_metrics(path):
+        if "threshold" in record:
+            steps[record["step"]] = record["threshold"]
+        point = record.get("threshold_operating_point", {}).get(set_name)
+        if point is not None:
+            validations[record["step"]] = point
+    return {"steps": sorted(steps), "threshold": [steps[k] for k in sorted(steps)],
+            "validations": sorted(validations.items())}
