@@ -121,7 +121,7 @@ def bf16_state_effect(head: torch.nn.Module, args: argparse.Namespace, device: t
 def make_optimizer(head: torch.nn.Module, update: str) -> optim.SGD:
     """SGD with momentum and weight decay; `sparse` updates the class weight lazily, row by row."""
     return optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
-                     lazy=[head.weight] if update == "sparse" else [])
+                     lazy=[head.proxy_weight()] if update == "sparse" else [])
 
 
 def warm_libraries(args: argparse.Namespace, spec: dict[str, Any], device: torch.device) -> None:

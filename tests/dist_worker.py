@@ -113,9 +113,9 @@ def sampling_task(outdir: str, num_classes: int, rate: float) -> None:
     (full, active) memory of the unitsface head, and the memory rows the step writes."""
     torch.manual_seed(parallel.rank())
     head = heads.build("unitsface", num_classes, 8, sample_rate=rate, s2s_start_epoch=0, min_fill=0.0).train()
-    head.memory.normal_()
-    head.filled.fill_(True)
-    memory = head.memory.clone()
+    head.memory.features.normal_()
+    head.memory.filled.fill_(True)
+    memory = head.memory.features.clone()
     kept: list[torch.Tensor] = []
     original = head.sampled_columns
 
@@ -131,9 +131,9 @@ def sampling_task(outdir: str, num_classes: int, rate: float) -> None:
     loss = head(x[r * n:(r + 1) * n], labels[r * n:(r + 1) * n])
     loss.backward()
     torch.save({"columns": kept[0], "draws": len(kept), "labels": labels, "start": head.shard.start,
-                "size": head.shard.size, "loss": loss.detach(), "bias": head.bias.detach(),
-                "grad_rows": (head.weight.grad.abs().sum(1) > 0).nonzero().flatten(),
-                "written": (head.memory != memory).any(1).nonzero().flatten()},
+                "size": head.shard.size, "loss": loss.detach(), "bias": head.bias.value.detach(),
+                "grad_rows": (head.proxies.weight.grad.abs().sum(1) > 0).nonzero().flatten(),
+                "written": (head.memory.features != memory).any(1).nonzero().flatten()},
                Path(outdir) / f"sampling{r}.pt")
 
 

@@ -16,9 +16,9 @@ def make_head(name: str, weight: torch.Tensor, prototypes: torch.Tensor | None =
     """Head `name` in training mode with its class weights (and prototype bank) set from a reference file."""
     head = build(name, weight.shape[0], weight.shape[1], **params)
     with torch.no_grad():
-        head.weight.copy_(weight)
+        head.proxies.weight.copy_(weight)
         if prototypes is not None:
-            head.prototypes.copy_(prototypes)
+            head.prototypes.bank.copy_(prototypes)
     head.set_epoch(epoch)
     return head.train()
 

@@ -31,7 +31,7 @@ from unitsface.training import distributed, trainer
 
 C, D, B_LOCAL, WORLD = 11, 16, 8, 2  # uneven shards (6 + 5 classes); D differs from any shard size
 EPOCHS = (0, 1, 3, 4)  # step k runs at epoch EPOCHS[k]: memories fill at 0, USS starts at 1, EPL at 3
-PARAMS = {"vpl": {"start_iter": 1}}  # heads whose defaults would keep their extra term off in 4 steps
+PARAMS = {"vpl": {"vpl_start_step": 1}}  # heads whose defaults would keep their extra term off in 4 steps
 SAMPLED_CLASSES, SAMPLE_RATE = 100, 0.25  # the Partial FC run on 2 ranks: 13 of 50 columns per shard
 DEVICE = dist_worker.DEVICE
 
@@ -263,9 +263,10 @@ def test_trainer_sparse_update_matches_dense_and_checkpoints_the_dense_state(run
         assert sorted(losses(tmp_path / mode)) == [1, 2, 3, 4]
     for step, loss in losses(tmp_path / "dense").items():
         assert losses(tmp_path / "sparse")[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
-    torch.testing.assert_close(out["sparse"]["head"]["weight"], out["dense"]["head"]["weight"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["sparse"]["head"]["proxies.weight"], out["dense"]["head"]["proxies.weight"],
+                               rtol=1e-4, atol=1e-6)
     weight_at = [k for k, v in out["dense"]["optimizer"]["state"].items()
-                 if v["momentum_buffer"].shape == out["dense"]["head"]["weight"].shape]
+                 if v["momentum_buffer"].shape == out["dense"]["head"]["proxies.weight"].shape]
     assert len(weight_at) == 1
     dense_m, sparse_m = (out[m]["optimizer"]["state"][weight_at[0]] for m in ("dense", "sparse"))
     torch.testing.assert_close(sparse_m["momentum_buffer"], dense_m["momentum_buffer"], rtol=1e-4, atol=1e-6)
@@ -277,10 +278,10 @@ def test_clipping_uses_the_norm_of_the_whole_gradient() -> None:
     torch.manual_seed(2)
     backbone = torch.nn.Linear(D, D)
     head = heads.build("uce", C, D, sample_rate=0.5).train()
-    _owner = optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.1, lazy=[head.weight])
+    _owner = optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.1, lazy=[head.proxies.weight])
     x, labels = global_batches()[1][:2]
     head(backbone(x), labels).backward()
-    assert head.weight.grad.is_sparse
+    assert head.proxies.weight.grad.is_sparse
     grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()
              for p in list(backbone.parameters()) + list(head.parameters())]
     norm = distributed.GradientSync(backbone.parameters(), head).clip_(0.5)
@@ -362,7 +363,7 @@ def write_sharded(monkeypatch: pytest.MonkeyPatch, path: Path, state: dict, worl
 def test_checkpoint_reshards_between_world_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     head, opt, state = trained_unitsface()
     distributed.save_checkpoint(state, tmp_path / "full.pt", head, opt)  # one process: one file
-    full_head, full_momentum = head.state_dict(), opt.state[head.weight]["momentum_buffer"]
+    full_head, full_momentum = head.state_dict(), opt.state[head.proxies.weight]["momentum_buffer"]
     for world in (2, 3):  # 1 -> N: each rank gets its rows of state and momentum
         for r in range(world):
             part, part_opt = fresh(monkeypatch, r, world)
@@ -370,10 +371,10 @@ def test_checkpoint_reshards_between_world_sizes(tmp_path: Path, monkeypatch: py
             part.load_state_dict(loaded["head"])
             part_opt.load_state_dict(loaded["optimizer"])
             lo, hi = part.shard.start, part.shard.end
-            for key in ("weight", "memory", "filled"):
+            for key in ("proxies.weight", "memory.features", "memory.filled"):
                 assert torch.equal(part.state_dict()[key], full_head[key][lo:hi])
-            assert torch.equal(part.bias, head.bias) and bool(part.bias_initialised)
-            assert torch.equal(part_opt.state[part.weight]["momentum_buffer"], full_momentum[lo:hi])
+            assert torch.equal(part.bias.value, head.bias.value) and bool(part.bias.initialised)
+            assert torch.equal(part_opt.state[part.proxies.weight]["momentum_buffer"], full_momentum[lo:hi])
         monkeypatch.undo()
     write_sharded(monkeypatch, tmp_path / "last.pt", state, world=3, commit=True)  # 3 -> 1
     back, back_opt = fresh(monkeypatch, 0, 1)
@@ -382,8 +383,9 @@ def test_checkpoint_reshards_between_world_sizes(tmp_path: Path, monkeypatch: py
     back_opt.load_state_dict(loaded["optimizer"])
     for key, value in full_head.items():
         assert torch.equal(back.state_dict()[key], value), key
-    assert torch.equal(back_opt.state[back.weight]["momentum_buffer"], full_momentum)
-    assert torch.equal(back_opt.state[back.bias]["momentum_buffer"], opt.state[head.bias]["momentum_buffer"])
+    assert torch.equal(back_opt.state[back.proxies.weight]["momentum_buffer"], full_momentum)
+    assert torch.equal(back_opt.state[back.bias.value]["momentum_buffer"],
+                       opt.state[head.bias.value]["momentum_buffer"])
 
 
 def test_crash_during_sharded_save_keeps_the_previous_checkpoint(tmp_path: Path,
@@ -396,7 +398,7 @@ def test_crash_during_sharded_save_keeps_the_previous_checkpoint(tmp_path: Path,
     (tmp_path / "last.pt.shards" / "gen9" / ".rank00001-of-00002.pt.xyz.tmp").write_bytes(b"torn")
     back, back_opt = fresh(monkeypatch, 0, 1)
     loaded = distributed.load_checkpoint(tmp_path / "last.pt", back, back_opt)
-    assert loaded["step"] == 1 and torch.equal(loaded["head"]["weight"], head.weight.detach())
+    assert loaded["step"] == 1 and torch.equal(loaded["head"]["proxies.weight"], head.proxies.weight.detach())
     write_sharded(monkeypatch, tmp_path / "last.pt", later, world=2, commit=True)  # the next commit cleans up
     assert sorted(p.name for p in (tmp_path / "last.pt.shards").iterdir()) == ["gen9"]
     shard = tmp_path / "last.pt.shards" / "gen9" / "rank00001-of-00002.pt"

@@ -121,9 +121,9 @@ def functional_loss(name: str, head, x: torch.Tensor, y: torch.Tensor) -> torch.
     """The loss computed from the pieces, independently of the head's plumbing."""
     p = MARGIN_HEADS[name]
     if name == "softmax":
-        logits = x @ head.weight.t() + head.bias
+        logits = x @ head.proxies.weight.t() + head.bias
         return (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)).mean()
-    cos = LF.normalize(x) @ LF.normalize(head.weight).t()
+    cos = LF.normalize(x) @ LF.normalize(head.proxies.weight).t()
     if name == "normface":
         return LF.normface_loss(cos, y, p["s"])
     if name == "cosface":
@@ -158,18 +158,20 @@ def test_sampling_keeps_positives_and_remaps_labels():
     torch.manual_seed(2)
     head = heads.build("cosface", 50, 8, sample_rate=0.1).train()
     y = torch.tensor([49, 7, 7, 23, 0, 31, 12])
-    rows, local, columns = head.class_rows(y)
+    sample = head.columns_for(y)
+    rows, local, columns = head.proxies.rows(sample), sample.labels, sample.columns
     assert columns.numel() == 6  # max(round(0.1·50) = 5, 6 distinct positives)
     assert set(y.tolist()) <= set(columns.tolist()) and torch.equal(columns, columns.sort().values)
-    assert torch.equal(columns[local], y) and torch.equal(rows, head.weight[columns])
+    assert torch.equal(columns[local], y) and torch.equal(rows, head.proxies.weight[columns])
     x = torch.randn(7, 8)
     torch.manual_seed(3)
     loss = head(x, y)
     torch.manual_seed(3)
-    rows, local, _ = head.class_rows(y)
+    sample = head.columns_for(y)
+    rows, local = head.proxies.rows(sample), sample.labels
     assert loss.item() == pytest.approx(LF.cosface_loss(LF.cosine(x, rows), local).item(), rel=1e-6)
     head.eval()
-    assert head.class_rows(y)[2] is None  # evaluation never samples
+    assert head.columns_for(y).columns is None  # evaluation never samples
 
 
 def test_build_errors_are_one_line_and_name_the_fault():

@@ -25,7 +25,7 @@ def assert_step(head, x, y, expected, where):
     loss, grad_x = step(head, x, y)
     assert loss.item() == pytest.approx(expected["loss"], rel=1e-4), where
     torch.testing.assert_close(grad_x, tensor(expected["grad_x"]), atol=1e-5, rtol=0, msg=where)
-    torch.testing.assert_close(head.weight.grad, tensor(expected["grad_W"]), atol=1e-5, rtol=0, msg=where)
+    torch.testing.assert_close(head.proxies.weight.grad, tensor(expected["grad_W"]), atol=1e-5, rtol=0, msg=where)
     return loss
 
 
@@ -77,11 +77,11 @@ def test_magface_easy_margin_and_norm_gradient():
     x[0, :2] = torch.tensor([0.6, 0.8]) * 60  # cos 0.6 to class 0, norm 60
     x[1, :2] = torch.tensor([-0.6, 0.8]) * 60  # cos −0.6 to class 0: easy margin keeps c
     head = make_head("magface", W)
-    margin_cos, _, regularizer = head.margin_terms(x, torch.tensor([0, 0]))
+    target = head.magnitudes.target(torch.tensor([0.6, -0.6]), x)
     m = 0.45 + 0.35 / 100 * 50
-    assert margin_cos[0, 0].item() == pytest.approx(math.cos(math.acos(0.6) + m), abs=1e-6)
-    assert margin_cos[1, 0].item() == pytest.approx(-0.6, abs=1e-6)
-    assert regularizer.item() == pytest.approx(60 / 110**2 + 1 / 60, rel=1e-6)
+    assert target[0].item() == pytest.approx(math.cos(math.acos(0.6) + m), abs=1e-6)
+    assert target[1].item() == pytest.approx(-0.6, abs=1e-6)
+    assert head.magnitudes.regularizer(x).item() == pytest.approx(35 * (60 / 110**2 + 1 / 60), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- AdaFace / CurricularFace state
@@ -133,26 +133,26 @@ def test_vpl_off_before_start_iter_and_queue_written_after_loss():
     torch.manual_seed(4)
     W = torch.randn(5, 8)
     x, y = torch.randn(4, 8), torch.tensor([3, 1, 3, 0])
-    head = make_head("vpl", W, start_iter=10)
-    queue = head.queue.clone()
+    head = make_head("vpl", W, vpl_start_step=10)
+    queue = head.queue.features.clone()
     loss = head(x, y)
     assert loss.item() == pytest.approx(LF.arcface_loss(LF.cosine(x, W), y, 64.0, 0.5).item(), rel=1e-5)
-    assert head.iteration.item() == 1
+    assert head.queue.iteration.item() == 1
     e = F.normalize(x, dim=1)
-    torch.testing.assert_close(head.queue[[3, 1, 0]], e[[2, 1, 3]])  # last occurrence of 3 wins
-    torch.testing.assert_close(head.queue[[2, 4]], queue[[2, 4]])
-    assert head.queue_iters.tolist() == [1, 1, 0, 1, 0]
+    torch.testing.assert_close(head.queue.features[[3, 1, 0]], e[[2, 1, 3]])  # last occurrence of 3 wins
+    torch.testing.assert_close(head.queue.features[[2, 4]], queue[[2, 4]])
+    assert head.queue.written.tolist() == [1, 1, 0, 1, 0]
 
 
 def test_vpl_mixes_only_fresh_rows_after_start_iter():
     torch.manual_seed(5)
     W = torch.randn(5, 8)
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 4])
-    head = make_head("vpl", W, base="cosface", start_iter=100, staleness=20)
+    head = make_head("vpl", W, base="cosface", vpl_start_step=100, staleness=20)
     with torch.no_grad():
-        head.iteration.fill_(100)  # the next training forward is T = 101 > T_0
-        head.queue_iters.copy_(torch.tensor([90, 81, 80, 0, 101]))  # T − τ = 11, 20, 21, 101, 0
-    q = head.queue.clone()
+        head.queue.iteration.fill_(100)  # the next training forward is T = 101 > T_0
+        head.queue.written.copy_(torch.tensor([90, 81, 80, 0, 101]))  # T − τ = 11, 20, 21, 101, 0
+    q = head.queue.features.clone()
     w = F.normalize(W, dim=1)
     lam = torch.tensor([0.15, 0.15, 0.0, 0.0, 0.15]).unsqueeze(1)
     mixed = F.normalize((1 - lam) * w + lam * q, dim=1)
@@ -161,8 +161,8 @@ def test_vpl_mixes_only_fresh_rows_after_start_iter():
     loss = head(x, y)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
-    assert head.weight.grad.abs().sum() > 0
-    assert head.queue_iters.tolist() == [101, 101, 101, 0, 101]
+    assert head.proxies.weight.grad.abs().sum() > 0
+    assert head.queue.written.tolist() == [101, 101, 101, 0, 101]
 
 
 def test_vpl_eval_changes_nothing_and_state_is_checkpointed():
@@ -170,8 +170,8 @@ def test_vpl_eval_changes_nothing_and_state_is_checkpointed():
     before = {k: v.clone() for k, v in head.state_dict().items()}
     head(torch.randn(3, 8), torch.tensor([0, 1, 2]))
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
-    assert {"queue", "queue_iters", "iteration"} <= set(before)
-    torch.testing.assert_close(head.queue.norm(dim=1), torch.ones(4))
+    assert {"queue.features", "queue.written", "queue.iteration"} <= set(before)
+    torch.testing.assert_close(head.queue.features.norm(dim=1), torch.ones(4))
     with pytest.raises(UnitsfaceError):
         build("vpl", 4, 8, base="sphereface")
 
@@ -187,7 +187,7 @@ def test_finite_at_cos_plus_minus_one_with_repeated_labels(name):
     x = torch.stack([W[0] * 20, -W[1] * 20, W[0] * 50, W[2] * 30])  # cos = 1 on targets, −1 elsewhere
     head = make_head(name, W)
     loss, grad_x = step(head, x, torch.tensor([0, 1, 0, 2]))
-    assert torch.isfinite(loss) and torch.isfinite(grad_x).all() and torch.isfinite(head.weight.grad).all()
+    assert torch.isfinite(loss) and torch.isfinite(grad_x).all() and torch.isfinite(head.proxies.weight.grad).all()
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -200,7 +200,7 @@ def test_defaults_and_initialisations():
                                           "lambda_g": 35.0, "weight_init": "unit", "sample_rate": 1.0}
     assert head_parameters("adaface")["h"] == 0.333 and head_parameters("curricularface")["alpha"] == 0.01
     vpl = head_parameters("vpl")
-    assert (vpl["vpl_lambda"], vpl["start_iter"], vpl["staleness"]) == (0.15, 8000, 200)
-    torch.testing.assert_close(build("adaface", 20, 64).weight.norm(dim=1), torch.ones(20))
-    assert build("curricularface", 2000, 64).weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert (vpl["vpl_lambda"], vpl["vpl_start_step"], vpl["staleness"]) == (0.15, 8000, 200)
+    torch.testing.assert_close(build("adaface", 20, 64).proxies.weight.norm(dim=1), torch.ones(20))
+    assert build("curricularface", 2000, 64).proxies.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert build("vpl", 10, 8, base="cosface").m == 0.4 and build("vpl", 10, 8).m == 0.5

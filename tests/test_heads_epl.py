@@ -36,15 +36,16 @@ def test_parity_with_reference(reference):
             prefix, epoch = case.rsplit("_epoch", 1)
             head = make_head(VARIANTS[prefix], W, Q, int(epoch))
             if VARIANTS[prefix] == "uce_epl":
-                assert head.bias.item() == pytest.approx(math.log(10 * W.shape[0]))
+                assert head.bias.value.item() == pytest.approx(math.log(10 * W.shape[0]))
             loss, grad_x = step(head, x, y)
             where = f"seed {seed} {case}"
             assert loss.item() == pytest.approx(expected["loss"], rel=1e-4), where
             torch.testing.assert_close(grad_x, tensor(expected["grad_x"]), atol=1e-5, rtol=0, msg=where)
-            torch.testing.assert_close(head.weight.grad, tensor(expected["grad_W"]), atol=1e-5, rtol=0, msg=where)
-            torch.testing.assert_close(head.prototypes, tensor(expected["Q_after"]), atol=1e-5, rtol=0, msg=where)
+            torch.testing.assert_close(head.proxies.weight.grad, tensor(expected["grad_W"]), atol=1e-5, rtol=0,
+                                       msg=where)
+            torch.testing.assert_close(head.prototypes.bank, tensor(expected["Q_after"]), atol=1e-5, rtol=0, msg=where)
             if "grad_bias" in expected:
-                torch.testing.assert_close(head.bias.grad, tensor(expected["grad_bias"]), atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(head.bias.value.grad, tensor(expected["grad_bias"]), atol=1e-4, rtol=1e-5)
             checked += 1
     assert checked == 12
 
@@ -67,7 +68,7 @@ def test_update_is_gated_softsign_move_with_parallel_read_and_last_writer():
         alpha = a / (1 + abs(a))
         row = alpha * Q[y[i]] + (1 - alpha) * e
         expected[y[i]] = row / row.norm()
-    torch.testing.assert_close(head.prototypes, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(head.prototypes.bank, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("alpha, gate", [("sigmoid_shifted", lambda a: 1 / (1 + math.exp(1 - a))),
@@ -80,7 +81,7 @@ def test_alternative_gates(alpha, gate):
     e = x[2] / x[2].norm()
     w = gate(float(Q[2] @ e))
     row = w * Q[2] + (1 - w) * e
-    torch.testing.assert_close(head.prototypes[2], row / row.norm(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(head.prototypes.bank[2], row / row.norm(), atol=1e-6, rtol=0)
 
 
 def test_bank_not_updated_in_eval_mode():
@@ -88,10 +89,10 @@ def test_bank_not_updated_in_eval_mode():
     head = make_head("arcface_epl", W, Q, epoch=5).eval()
     loss = head(x, y)
     assert torch.isfinite(loss)
-    torch.testing.assert_close(head.prototypes, Q, atol=0, rtol=0)
+    torch.testing.assert_close(head.prototypes.bank, Q, atol=0, rtol=0)
 
 
-def test_ep_term_starts_at_start_epoch_and_stacking_weights():
+def test_ep_term_starts_at_ep_start_epoch_and_stacking_weights():
     x, y, W, Q = random_case(3)
     only_classifier = LF.cosface_loss(LF.cosine(x, W), y, 64.0, 0.4)
     before = make_head("cosface_epl", W, Q, epoch=2).eval()
@@ -111,22 +112,22 @@ def test_update_after_loss_reads_the_old_bank():
     loss_after, loss_frozen, loss_before = after(x, y), frozen(x, y), before(x, y)
     assert loss_after.item() == pytest.approx(loss_frozen.item(), rel=1e-6)
     assert loss_after.item() != pytest.approx(loss_before.item(), rel=1e-4)
-    torch.testing.assert_close(after.prototypes, before.prototypes, atol=0, rtol=0)
+    torch.testing.assert_close(after.prototypes.bank, before.prototypes.bank, atol=0, rtol=0)
 
 
 def test_bank_init_reference_is_unnormalised_and_unit_is_normalised():
     torch.manual_seed(0)
     ref = build("cosface_epl", 50, 512)
     unit = build("cosface_epl", 50, 512, bank_init="unit")
-    assert ref.prototypes.norm(dim=1).mean().item() == pytest.approx(math.sqrt(512), rel=0.05)
-    torch.testing.assert_close(unit.prototypes.norm(dim=1), torch.ones(50))
-    assert ref.prototypes.dtype == torch.float32 and "prototypes" in ref.state_dict()
+    assert ref.prototypes.bank.norm(dim=1).mean().item() == pytest.approx(math.sqrt(512), rel=0.05)
+    torch.testing.assert_close(unit.prototypes.bank.norm(dim=1), torch.ones(50))
+    assert ref.prototypes.bank.dtype == torch.float32 and "prototypes.bank" in ref.state_dict()
 
 
 def test_uce_epl_threshold_bias_and_options():
     head = build("uce_epl", 100, 8, bias_init=12.8, s=32.0)
     assert head.threshold == pytest.approx(0.4)
-    assert build("uce_epl", 100, 8).bias.item() == pytest.approx(math.log(1000))
+    assert build("uce_epl", 100, 8).bias.value.item() == pytest.approx(math.log(1000))
     assert build("cosface_epl", 100, 8).threshold is None
     for bad in ({"alpha": "tanh"}, {"bank_init": "zeros"}, {"update": "never"}, {"stack_weight": "mean"},
                 {"gradient": "magic"}):
@@ -141,7 +142,7 @@ def test_finite_at_cos_plus_minus_one_and_repeated_labels(name):
     y = torch.tensor([0, 1, 0, 2])
     head = make_head(name, W, W.clone(), epoch=5)
     loss, grad_x = step(head, x, y)
-    assert torch.isfinite(loss) and torch.isfinite(grad_x).all() and torch.isfinite(head.weight.grad).all()
+    assert torch.isfinite(loss) and torch.isfinite(grad_x).all() and torch.isfinite(head.proxies.weight.grad).all()
 
 
 @pytest.mark.parametrize("name", list(VARIANTS.values()))
@@ -155,4 +156,4 @@ def test_bf16_autocast_matches_fp32_head(name):
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
     loss.backward()
-    assert torch.isfinite(head.weight.grad).all()
+    assert torch.isfinite(head.proxies.weight.grad).all()

@@ -47,11 +47,11 @@ def loaded_head(name: str, params: dict, seed_data: dict) -> torch.nn.Module:
     head = heads.build(name, C, D, **params).train()
     with torch.no_grad():
         if hasattr(head, "memory"):
-            head.memory.copy_(t(seed_data["M"]))
-            head.filled.fill_(True)
+            head.memory.features.copy_(t(seed_data["M"]))
+            head.memory.filled.fill_(True)
             head.set_epoch(1)
         else:
-            head.weight.copy_(t(seed_data["W"]))
+            head.proxies.weight.copy_(t(seed_data["W"]))
     return head
 
 
@@ -80,26 +80,25 @@ def test_parity_with_official_code(reference, seed, case):
     clamped = {**params, "clamp": "reference"} if name in THRESHOLD_HEADS else params
     head = loaded_head(name, clamped, data)
     if case.endswith("b=init"):  # data-driven: b starts at 0, not yet initialised
-        assert not bool(head.bias_initialised) and not head.bias.detach().any()
+        assert not bool(head.bias.initialised) and not head.bias.value.detach().any()
     x, y = t(data["x"]), torch.tensor(data["y"])
     loss, grad_x = run_step(head, x, y)
 
     assert loss.item() == pytest.approx(ref["loss"], rel=1e-4)
     torch.testing.assert_close(grad_x, t(ref["grad_x"]), atol=1e-5, rtol=0)
     if "grad_W" in ref:
-        torch.testing.assert_close(head.weight.grad, t(ref["grad_W"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(head.proxies.weight.grad, t(ref["grad_W"]), atol=1e-5, rtol=0)
     if "grad_bias" in ref:
         # The bias the loss used: a data-driven one was set from this very batch (b=init cases).
-        torch.testing.assert_close(head.bias.detach(), t(ref["bias_after"]), atol=1e-4, rtol=1e-6)
-        torch.testing.assert_close(head.bias.grad, t(ref["grad_bias"]), atol=1e-5, rtol=0)
-    if hasattr(head, "bias_initialised"):
-        assert bool(head.bias_initialised)
+        torch.testing.assert_close(head.bias.value.detach(), t(ref["bias_after"]), atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(head.bias.value.grad, t(ref["grad_bias"]), atol=1e-5, rtol=0)
+        assert bool(head.bias.initialised)
     if hasattr(head, "memory"):
         # Write-after-loss: every label's slot now holds its last occurrence in the batch.
         expected = t(data["M"])
         for i, label in enumerate(data["y"]):
             expected[label] = x[i]
-        torch.testing.assert_close(head.memory, expected, atol=0, rtol=0)
+        torch.testing.assert_close(head.memory.features, expected, atol=0, rtol=0)
 
     if name in THRESHOLD_HEADS and not clamp_reached(data, name, params, ref["bias_after"][0]):
         clean = loaded_head(name, params, data)  # clamp=False: plain softplus, same numbers
@@ -126,7 +125,7 @@ def test_clamp_mode_changes_the_one_case_that_reaches_it(reference):
 # --------------------------------------------------------------------------- the loss functions by hand
 
 
-def naive_threshold_bce(cos, labels, bias, s, m, valid=None, neg_weight=1.0) -> float:
+def naive_threshold_bce(cos, labels, bias, s, m, valid=None, lam=1.0) -> float:
     """Loops in float64: the definition of methods.md §2.2 / §3.1 term by term."""
     cos = np.asarray(cos, dtype=np.float64)
     bias = np.broadcast_to(np.asarray(bias, dtype=np.float64), (cos.shape[1],))
@@ -139,15 +138,15 @@ def naive_threshold_bce(cos, labels, bias, s, m, valid=None, neg_weight=1.0) -> 
             if j == y:
                 total += math.log1p(math.exp(-(s * (cos[i, j] - m) - bias[y])))
             else:
-                total += neg_weight * math.log1p(math.exp(s * cos[i, j] - bias[j]))
+                total += lam * math.log1p(math.exp(s * cos[i, j] - bias[j]))
     return total / len(labels)
 
 
 def test_threshold_bce_unified_and_per_class_by_hand():
     cos = t([[0.5, 0.1, -0.2], [0.3, 0.4, 0.0]])
     labels = torch.tensor([0, 1])
-    unified = LF.threshold_bce_loss(cos, labels, t([1.5]), s=4.0, m=0.2, neg_weight=0.5)
-    assert unified.item() == pytest.approx(naive_threshold_bce(cos, [0, 1], 1.5, 4.0, 0.2, neg_weight=0.5),
+    unified = LF.threshold_bce_loss(cos, labels, t([1.5]), s=4.0, m=0.2, lam=0.5)
+    assert unified.item() == pytest.approx(naive_threshold_bce(cos, [0, 1], 1.5, 4.0, 0.2, lam=0.5),
                                            rel=1e-6)
     bias = t([1.0, 2.0, -0.5])  # the positive uses b_{y_i}, column j's negative uses b_j
     per_class = LF.threshold_bce_loss(cos, labels, bias, s=4.0, m=0.2)
@@ -209,10 +208,10 @@ def test_memory_reads_before_the_call_and_last_writer_wins():
     loss = head(x, y)
     # Empty memory: no positive, no negative, so the first loss is exactly 0 (no self-positive).
     assert loss.item() == 0.0
-    assert head.filled.tolist() == [True, True, False, True, False]
-    torch.testing.assert_close(head.memory[1], x[2])  # last occurrence of label 1
-    torch.testing.assert_close(head.memory[3], x[1])
-    assert head.memory[2].abs().sum() == 0
+    assert head.memory.filled.tolist() == [True, True, False, True, False]
+    torch.testing.assert_close(head.memory.features[1], x[2])  # last occurrence of label 1
+    torch.testing.assert_close(head.memory.features[3], x[1])
+    assert head.memory.features[2].abs().sum() == 0
 
     x2 = torch.randn(2, 4)
     y2 = torch.tensor([1, 2])  # label 2's slot is unfilled: no positive for row 1
@@ -227,9 +226,9 @@ def test_eval_mode_neither_writes_nor_initialises():
     head = fresh("uss", **ACTIVE)
     head(torch.randn(3, 4), torch.tensor([0, 1, 2]))  # fills 0..2
     head.eval()
-    before = head.memory.clone()
+    before = head.memory.features.clone()
     loss = head(torch.randn(3, 4), torch.tensor([0, 1, 3]))
-    assert torch.equal(head.memory, before) and not bool(head.bias_initialised) and loss.item() == 0.0
+    assert torch.equal(head.memory.features, before) and not bool(head.bias.initialised) and loss.item() == 0.0
 
 
 def test_data_driven_bias_is_set_once_at_the_first_evaluation():
@@ -237,16 +236,16 @@ def test_data_driven_bias_is_set_once_at_the_first_evaluation():
     head = fresh("uss", num_classes=6, **ACTIVE)
     x = torch.randn(6, 4)
     head(x, torch.arange(6))  # the first call fills the memory; no negatives yet, b still 0
-    assert head.bias.item() == 0.0 and not bool(head.bias_initialised) and head.threshold is None
+    assert head.bias.value.item() == 0.0 and not bool(head.bias.initialised) and head.threshold is None
     x2, y2 = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 4])
-    expected = LF.unified_bias_init(LF.cosine(x2, head.memory), y2, 64.0)
+    expected = LF.unified_bias_init(LF.cosine(x2, head.memory.features), y2, 64.0)
     head(x2, y2)
-    assert head.bias.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert head.bias.value.item() == pytest.approx(expected.item(), rel=1e-6)
     assert head.threshold == pytest.approx(expected.item() / 64.0, rel=1e-6)
     with torch.no_grad():
-        head.bias.fill_(-1.0)  # the reference would re-arm here; the persistent flag does not
+        head.bias.value.fill_(-1.0)  # the reference would re-arm here; the persistent flag does not
     head(torch.randn(2, 4), torch.tensor([0, 1]))
-    assert head.bias.item() == -1.0
+    assert head.bias.value.item() == -1.0
 
 
 def test_ss_bce_shifts_every_class_bias_by_b0():
@@ -254,10 +253,10 @@ def test_ss_bce_shifts_every_class_bias_by_b0():
     head = fresh("ss_bce", num_classes=4, **ACTIVE)
     head(torch.randn(4, 4), torch.arange(4))
     x2, y2 = torch.randn(3, 4), torch.tensor([0, 2, 2])
-    b0 = LF.unified_bias_init(LF.cosine(x2, head.memory), y2, 64.0).item()
+    b0 = LF.unified_bias_init(LF.cosine(x2, head.memory.features), y2, 64.0).item()
     head(x2, y2)
-    torch.testing.assert_close(head.bias.detach(), torch.full((4,), b0))
-    torch.testing.assert_close(head.thresholds, torch.full((4,), b0 / 64.0))
+    torch.testing.assert_close(head.bias.value.detach(), torch.full((4,), b0))
+    torch.testing.assert_close(head.bias.thresholds, torch.full((4,), b0 / 64.0))
     assert head.threshold is None
 
 
@@ -269,12 +268,12 @@ def test_standalone_heads_warm_up_on_cosface_then_train_sample_to_sample_alone(n
     torch.manual_seed(7)
     head = fresh(name, num_classes=4, dim=8)
     cosface = heads.build("cosface", 4, 8).train()
-    cosface.weight.data.copy_(head.weight.data)
+    cosface.proxies.weight.data.copy_(head.proxies.weight.data)
     x, y = torch.randn(8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     assert head(x, y).item() == pytest.approx(cosface(x, y).item(), rel=1e-6)
     head.set_epoch(1)  # still inside epoch 0's schedule until the epoch says otherwise
-    memory = head.memory.clone()
-    assert head.filled.all() and not bool(getattr(head, "bias_initialised", False))
+    memory = head.memory.features.clone()
+    assert head.memory.filled.all() and (head.bias is None or not bool(head.bias.initialised))
     x2, y2 = torch.randn(4, 8), torch.tensor([3, 2, 1, 0])
     cos = LF.cosine(x2, memory)
     x2.requires_grad_(True)
@@ -283,11 +282,11 @@ def test_standalone_heads_warm_up_on_cosface_then_train_sample_to_sample_alone(n
         expected = LF.sample_softmax_loss(cos, y2, 64.0, 0.1).item()
     else:
         b0 = LF.unified_bias_init(cos, y2, 64.0).item()
-        torch.testing.assert_close(head.bias.detach(), torch.full_like(head.bias, b0))
+        torch.testing.assert_close(head.bias.value.detach(), torch.full_like(head.bias.value, b0))
         expected = naive_threshold_bce(cos, y2.tolist(), b0, 64.0, 0.1)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
-    assert head.weight.grad is None  # CosFace is off: the proxies are not part of the loss any more
+    assert head.proxies.weight.grad is None  # CosFace is off: the proxies are not part of the loss any more
 
 
 def test_bias_starts_within_one_percent_of_the_full_memory_value():
@@ -302,24 +301,25 @@ def test_bias_starts_within_one_percent_of_the_full_memory_value():
     for start in range(0, classes, batch):  # epoch 0: every identity seen once
         y = order[start:start + batch]
         head(centres[y] + 0.5 * torch.randn(len(y), dim), y)
-        assert not bool(head.bias_initialised)
+        assert not bool(head.bias.initialised)
     head.set_epoch(1)
     y = torch.randint(0, classes, (batch,))
     x = centres[y] + 0.5 * torch.randn(batch, dim)
-    full = LF.unified_bias_init(LF.cosine(x, head.memory), y, 64.0).item()
+    full = LF.unified_bias_init(LF.cosine(x, head.memory.features), y, 64.0).item()
     head(x, y)
-    assert head.bias.item() == pytest.approx(full, rel=0.01)
-    assert head.filled.all()
+    assert head.bias.value.item() == pytest.approx(full, rel=0.01)
+    assert head.memory.filled.all()
 
 
 def test_state_dict_round_trip_keeps_memory_and_flags():
     head = fresh("unitsface")
     head(torch.randn(3, 4), torch.tensor([0, 1, 2]))
     state = head.state_dict()
-    assert {"weight", "bias", "memory", "filled", "bias_initialised"} <= set(state)
+    assert set(state) == {"proxies.weight", "bias.value", "bias.initialised", "memory.features", "memory.filled"}
     other = fresh("unitsface")
     other.load_state_dict(state)
-    assert torch.equal(other.memory, head.memory) and torch.equal(other.filled, head.filled)
+    assert torch.equal(other.memory.features, head.memory.features)
+    assert torch.equal(other.memory.filled, head.memory.filled)
 
 
 # --------------------------------------------------------------------------- the UniTSFace schedule
@@ -329,15 +329,15 @@ def test_unitsface_warmup_then_cosface_plus_uss():
     torch.manual_seed(2)
     head = fresh("unitsface", num_classes=4, dim=8)
     cosface = heads.build("cosface", 4, 8).train()
-    cosface.weight.data.copy_(head.weight.data)
+    cosface.proxies.weight.data.copy_(head.proxies.weight.data)
     x, y = torch.randn(8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     loss0 = head(x, y)  # epoch 0: CosFace only, memory written anyway
     assert loss0.item() == pytest.approx(cosface(x, y).item(), rel=1e-6)
-    assert head.filled.all() and not bool(head.bias_initialised)
+    assert head.memory.filled.all() and not bool(head.bias.initialised)
 
     head.set_epoch(1)
     x2, y2 = torch.randn(4, 8), torch.tensor([3, 2, 1, 0])
-    memory = head.memory.clone()
+    memory = head.memory.features.clone()
     b0 = LF.unified_bias_init(LF.cosine(x2, memory), y2, 64.0).item()
     loss1 = head(x2, y2)
     uss = naive_threshold_bce(LF.cosine(x2, memory), y2.tolist(), b0, 64.0, 0.1)
@@ -345,8 +345,8 @@ def test_unitsface_warmup_then_cosface_plus_uss():
     assert head.threshold == pytest.approx(b0 / 64.0, rel=1e-6)
 
     only_uss = fresh("unitsface", num_classes=4, dim=8, weights=(0.0, 1.0), bias_init=b0)
-    only_uss.memory.copy_(memory)
-    only_uss.filled.fill_(True)
+    only_uss.memory.features.copy_(memory)
+    only_uss.memory.filled.fill_(True)
     only_uss.set_epoch(1)
     assert only_uss(x2, y2).item() == pytest.approx(uss, rel=1e-5)
 
@@ -355,11 +355,11 @@ def test_unitsface_waits_for_min_fill():
     head = fresh("unitsface", num_classes=4, dim=8, min_fill=0.75)
     head.set_epoch(3)
     head(torch.randn(2, 8), torch.tensor([0, 1]))  # half filled: USS stays off
-    assert not head.sample_to_sample_active() and not bool(head.bias_initialised)
+    assert not head.sample_to_sample_active() and not bool(head.bias.initialised)
     head(torch.randn(1, 8), torch.tensor([2]))
     assert head.sample_to_sample_active()
     state = {k: v.clone() for k, v in head.state_dict().items()}
-    state["filled"][:] = False  # an emptier memory loaded into a head that had reached min_fill
+    state["memory.filled"][:] = False  # an emptier memory loaded into a head that had reached min_fill
     head.load_state_dict(state)
     assert not head.sample_to_sample_active()
 
@@ -374,13 +374,14 @@ def test_half_precision_memory_stores_rounded_features_and_barely_moves_the_loss
     half = fresh("unitsface", num_classes=6, dim=16, memory_dtype=memory_dtype, min_fill=0.0)
     full = fresh("unitsface", num_classes=6, dim=16, min_fill=0.0)
     full.load_state_dict(half.state_dict())
-    assert half.memory.dtype == getattr(torch, memory_dtype) and half.memory.element_size() == 2
+    assert half.memory.features.dtype == getattr(torch, memory_dtype) and half.memory.features.element_size() == 2
     for head in (half, full):
         head.set_epoch(1)
         head(x1, y)  # fills the memory (b0 comes from the second call)
-    torch.testing.assert_close(half.memory.float(), full.memory.to(half.memory.dtype).float())
+    torch.testing.assert_close(half.memory.features.float(),
+                               full.memory.features.to(half.memory.features.dtype).float())
     exact = fresh("unitsface", num_classes=6, dim=16, min_fill=0.0)
-    exact.load_state_dict({**full.state_dict(), "memory": half.memory.float()})
+    exact.load_state_dict({**full.state_dict(), "memory.features": half.memory.features.float()})
     exact.set_epoch(1)
     losses = [head(x2, y).item() for head in (half, full, exact)]
     assert losses[0] == pytest.approx(losses[2], rel=1e-6)
@@ -394,15 +395,15 @@ def test_half_precision_memory_stores_rounded_features_and_barely_moves_the_loss
 
 def test_uce_bias_init_and_threshold_conventions():
     head = heads.build("uce", 100, 8, s=32.0, sample_rate=0.5)
-    assert head.bias.shape == (1,) and head.bias.item() == pytest.approx(math.log(10 * 100 * 0.5), rel=1e-6)
+    assert head.bias.value.shape == (1,) and head.bias.value.item() == pytest.approx(math.log(10 * 100 * 0.5), rel=1e-6)
     assert head.threshold == pytest.approx(math.log(500) / 32, rel=1e-6)
     assert head.threshold_uce == pytest.approx((math.log(500) - math.log(99)) / 32, rel=1e-6)
     assert head.learned_thresholds() == {"b/s": head.threshold, "(b - log(C-1))/s": head.threshold_uce}
     epl = heads.build("uce_epl", 100, 8, s=32.0, sample_rate=0.5)  # the same UCE bias, both conventions
     assert epl.learned_thresholds() == pytest.approx(head.learned_thresholds())
     bce = heads.build("bce", 100, 8)
-    assert bce.bias.shape == (100,) and bce.threshold is None and bce.learned_thresholds() == {}
-    torch.testing.assert_close(bce.thresholds, torch.full((100,), math.log(1000) / 64))
+    assert bce.bias.value.shape == (100,) and bce.threshold is None and bce.learned_thresholds() == {}
+    torch.testing.assert_close(bce.bias.thresholds, torch.full((100,), math.log(1000) / 64))
 
 
 @pytest.mark.parametrize("name", ["uce", "bce"])
@@ -410,15 +411,16 @@ def test_uniface_sampling_keeps_positives_and_uses_the_kept_columns(name):
     torch.manual_seed(3)
     head = heads.build(name, 20, 8, sample_rate=0.25).train()
     with torch.no_grad():
-        head.bias.copy_(torch.linspace(3.0, 6.0, head.bias.numel()))
+        head.bias.value.copy_(torch.linspace(3.0, 6.0, head.bias.value.numel()))
     x, y = torch.randn(6, 8), torch.tensor([17, 3, 3, 11, 0, 19])
     torch.manual_seed(4)
     loss = head(x, y)
     torch.manual_seed(4)  # the same draw of negatives
-    rows, local, columns = head.class_rows(y)
+    sample = head.columns_for(y)
+    rows, local, columns = head.proxies.rows(sample), sample.labels, sample.columns
     assert columns.numel() == 5 and set(y.tolist()) <= set(columns.tolist())
     assert torch.equal(columns[local], y)
-    bias = head.bias if name == "uce" else head.bias[columns]
+    bias = head.bias.value if name == "uce" else head.bias.value[columns]
     expected = naive_threshold_bce(LF.cosine(x, rows).detach(), local.tolist(), bias.detach(), 64.0, 0.4)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -459,7 +461,7 @@ def test_cos_plus_minus_one_single_identity_repeated_labels(name):
     head.set_epoch(1)
     if hasattr(head, "memory"):
         head(torch.randn(3, 4), torch.arange(3))  # fill
-    rows = head.memory if hasattr(head, "memory") else head.weight
+    rows = head.memory.features if hasattr(head, "memory") else head.proxies.weight
     base = rows[1].detach().clone()
     # One identity, repeated; cos = +1 with its slot/proxy, −1 for the flipped copy.
     x = torch.stack([base, -base, 1e6 * base, 1e-12 * base]).requires_grad_(True)

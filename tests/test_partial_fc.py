@@ -21,7 +21,7 @@ C, D, RATE = 40, 16, 0.25  # round(0.25·40) = 10 kept columns unless the batch 
 SAMPLED_HEADS = [n for n in heads.names() if "sample_rate" in heads.head_parameters(n)]
 MEMORY_HEADS = ("ss_softmax", "uss", "ss_bce", "unitsface")
 # Parameters that switch every term on at once (memory loss, EP rows, VPL mixing).
-ACTIVE = {**{name: {"s2s_start_epoch": 0, "min_fill": 0.0} for name in MEMORY_HEADS}, "vpl": {"start_iter": 0}}
+ACTIVE = {**{name: {"s2s_start_epoch": 0, "min_fill": 0.0} for name in MEMORY_HEADS}, "vpl": {"vpl_start_step": 0}}
 FEW_POSITIVES = [3, 17, 17, 0, 39, 3, 22, 8, 17, 31, 0, 22]  # 7 classes: 3 sampled negatives
 MANY_POSITIVES = list(range(0, 36, 3))  # 12 classes > 10: the sample is exactly the positives
 
@@ -39,7 +39,7 @@ def sampled_head(name: str, sample_rate: float = RATE, classes: int = C, seed: i
                     buf.normal_()
                 else:  # VPL write iterations: some fresh, some stale
                     buf.copy_(torch.randint(0, 400, (classes,)))
-            elif key == "iteration":
+            elif key == "queue.iteration":
                 buf.fill_(400)
     head.set_epoch(5)  # past every warm-up / start epoch
     return head
@@ -114,7 +114,7 @@ def test_sampled_head_equals_the_head_of_its_kept_columns(name: str, labels: lis
         if value.dim() and value.shape[0] == C:
             expected = before[key].clone()
             expected[columns] = ref_state[key]
-            if key == "bias":  # S2S BCE shifts every b_j by the b0 of the sampled columns
+            if key == "bias.value":  # S2S BCE shifts every b_j by the b0 of the sampled columns
                 expected[others] += ref_state[key][0] - before[key][columns[0]]
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
 
@@ -136,9 +136,10 @@ def test_writes_reach_the_real_rows_of_every_batch_label(name: str) -> None:
     if hasattr(head, "memory"):
         for label in set(FEW_POSITIVES):
             last = max(i for i, v in enumerate(FEW_POSITIVES) if v == label)
-            assert torch.equal(head.memory[label], x[last])
-        assert set(torch.nonzero(head.filled & ~before["filled"]).flatten().tolist()) <= set(FEW_POSITIVES)
-        assert bool(head.filled[FEW_POSITIVES].all())
+            assert torch.equal(head.memory.features[label], x[last])
+        newly = head.memory.filled & ~before["memory.filled"]
+        assert set(torch.nonzero(newly).flatten().tolist()) <= set(FEW_POSITIVES)
+        assert bool(head.memory.filled[FEW_POSITIVES].all())
 
 
 def test_uss_bias_starts_from_the_sampled_filled_columns() -> None:
@@ -146,7 +147,7 @@ def test_uss_bias_starts_from_the_sampled_filled_columns() -> None:
     about log(1/r) below the value over all columns, as UniFace's log(10·C·r) is."""
     head = sampled_head("uss")
     drawn = recording_columns(head)
-    memory, filled = head.memory.double().numpy(), head.filled.numpy().copy()
+    memory, filled = head.memory.features.double().numpy(), head.memory.filled.numpy().copy()
     x = torch.randn(len(FEW_POSITIVES), D)
     head(x, torch.tensor(FEW_POSITIVES))
     kept = drawn[0].numpy()
@@ -160,9 +161,9 @@ def test_uss_bias_starts_from_the_sampled_filled_columns() -> None:
             rows.append(np.logaddexp.reduce(z))
         return float(np.mean(rows))
 
-    assert bool(head.bias_initialised)
-    assert head.bias.item() == pytest.approx(b0(kept), rel=1e-5)
-    assert b0(np.arange(C)) - head.bias.item() > 0.5  # 30 more columns in the full LSE
+    assert bool(head.bias.initialised)
+    assert head.bias.value.item() == pytest.approx(b0(kept), rel=1e-5)
+    assert b0(np.arange(C)) - head.bias.value.item() > 0.5  # 30 more columns in the full LSE
 
 
 def test_evaluation_reads_every_column() -> None:
@@ -173,11 +174,11 @@ def test_evaluation_reads_every_column() -> None:
 def test_unitsface_weight_gets_a_sparse_gradient_of_the_kept_rows() -> None:
     """With the lazy optimiser the CosFace proxies are read through `read_rows` like any Partial FC head."""
     head = sampled_head("unitsface")
-    opt = optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, lazy=[head.weight])
+    opt = optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, lazy=[head.proxies.weight])
     drawn = recording_columns(head)
     head(torch.randn(len(FEW_POSITIVES), D), torch.tensor(FEW_POSITIVES)).backward()
-    assert head.weight.grad.is_sparse
-    assert torch.equal(head.weight.grad.coalesce().indices()[0], drawn[0])
+    assert head.proxies.weight.grad.is_sparse
+    assert torch.equal(head.proxies.weight.grad.coalesce().indices()[0], drawn[0])
     opt.step()
 
 

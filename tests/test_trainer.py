@@ -82,7 +82,7 @@ def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
     # the USS term switched on in epoch 1, after the resume point: the loss jumps
     assert a[9] > a[8]
-    memory = load_checkpoint(part / "last.pt")["head"]["memory"]
+    memory = load_checkpoint(part / "last.pt")["head"]["memory.features"]
     assert memory.dtype == (torch.bfloat16 if scale_out else torch.float32)
 
 
@@ -170,13 +170,13 @@ def test_accumulation_micro_batches_share_one_column_sample(cache, tmp_path):
     with t.head.step_columns(labels):
         for chunk, y in zip(x.split(8), labels.split(8)):
             (t.head(chunk, y) / 2).backward()
-    accumulated = t.head.weight.grad.clone()
+    accumulated = t.head.proxies.weight.grad.clone()
     t.optimizer.zero_grad()
     torch.manual_seed(5)
     t.head(x, labels).backward()
     kept = accumulated.abs().sum(1) > 0
     assert kept.sum() == max(round(0.25 * 16), len(labels.unique())) and kept[labels].all()
-    torch.testing.assert_close(accumulated, t.head.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(accumulated, t.head.proxies.weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):
@@ -196,11 +196,11 @@ def test_gradient_accumulation_divides_each_micro_loss(cache, tmp_path):
     assert a.steps_per_epoch == t.steps_per_epoch == 8
     images, labels = next(iter(t.loader(0, 0)))
     t.micro_step(images, labels, torch.Generator().manual_seed(0))
-    accumulated = t.head.weight.grad.clone()
+    accumulated = t.head.proxies.weight.grad.clone()
     t.optimizer.zero_grad()
     x = normalize_batch(flip_batch(images, torch.Generator().manual_seed(0)))
     t.head(t.model(x), labels).backward()
-    torch.testing.assert_close(accumulated * 2, t.head.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(accumulated * 2, t.head.proxies.weight.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_cli_train_then_eval_json(cache, tmp_path, capsys):

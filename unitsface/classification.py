@@ -34,7 +34,7 @@ class LinearClassifier(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, loss: str = "softmax", bias_mode: str = "diverse",
-                 normalized: bool = False, s: float = 64.0, neg_weight: float = 1.0,
+                 normalized: bool = False, s: float = 64.0, lam: float = 1.0,
                  bias_init: float | None = None) -> None:
         super().__init__()
         if loss not in ("softmax", "bce"):
@@ -46,7 +46,7 @@ class LinearClassifier(nn.Module):
         if num_classes < 2:
             raise UnitsfaceError(f"num_classes must be at least 2, got {num_classes}")
         self.loss_name, self.bias_mode, self.normalized = loss, bias_mode, bool(normalized)
-        self.s, self.neg_weight = float(s), float(neg_weight)
+        self.s, self.lam = float(s), float(lam)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(in_features))
         default = 0.0 if loss == "softmax" else math.log(10.0 * num_classes)
@@ -76,7 +76,7 @@ class LinearClassifier(nn.Module):
         f = self.metric(x)
         if self.loss_name == "softmax":
             return LF.cross_entropy_rows(f + self.bias, labels).mean()
-        return LF.threshold_bce_loss(f, labels, self.bias, s=1.0, m=0.0, neg_weight=self.neg_weight)
+        return LF.threshold_bce_loss(f, labels, self.bias, s=1.0, m=0.0, lam=self.lam)
 
     @property
     def threshold(self) -> float | None:

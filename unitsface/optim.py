@@ -28,7 +28,20 @@ from collections.abc import Iterable
 
 import torch
 
-_OWNER = "_unitsface_lazy_sgd"  # attribute of a lazy parameter: a weak reference to its optimiser
+from unitsface.heads.components import ROW_READER  # the attribute through which heads read Partial FC rows
+
+
+class _RowReader:
+    """`weight.read_rows(columns)`: the rows brought up to date by the optimiser that owns the weight (held
+    weakly: an optimiser that is gone reads plain rows)."""
+
+    def __init__(self, optimizer: SGD, weight: torch.Tensor) -> None:
+        self.optimizer, self.weight = weakref.ref(optimizer), weakref.ref(weight)
+
+    def __call__(self, columns: torch.Tensor) -> torch.Tensor:
+        optimizer, weight = self.optimizer(), self.weight()
+        assert weight is not None  # the reader is an attribute of the weight itself
+        return weight[columns] if optimizer is None else _LazyRows.apply(weight, columns, optimizer)
 
 
 class _LazyRows(torch.autograd.Function):
@@ -54,11 +67,8 @@ class _LazyRows(torch.autograd.Function):
 def read_rows(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """`weight[columns]` for a forward pass. For a parameter that an `SGD` updates lazily, the rows
     are first brought up to date and the gradient is sparse (only `columns` are touched)."""
-    owner = getattr(weight, _OWNER, None)
-    optimizer = owner() if owner is not None else None
-    if optimizer is None:
-        return weight[columns]
-    return _LazyRows.apply(weight, columns, optimizer)
+    reader = getattr(weight, ROW_READER, None)
+    return weight[columns] if reader is None else reader(columns)
 
 
 def _transitions(history: torch.Tensor) -> torch.Tensor:
@@ -96,7 +106,7 @@ class SGD(torch.optim.SGD):
         for p in lazy:
             if id(p) not in managed or p.dim() != 2:
                 raise ValueError("lazy parameters must be 2-D parameters handed to this optimizer")
-            setattr(p, _OWNER, weakref.ref(self))
+            setattr(p, ROW_READER, _RowReader(self, p))
             self._lazy.append(p)
         self._scratch: dict[tuple[int, str], torch.Tensor] = {}
 

@@ -153,9 +153,10 @@ def _run_threshold(args: argparse.Namespace) -> int:
     from unitsface.io import atomic_write
     from unitsface.training.threshold_study import STUDY_HEADS, plot_study, run_study
 
+    calibration = (100, 8)  # identities × images of the calibration stream, like the held-out set
     if args.quick:
         identities, budgets, seeds, heads = [8, 16], [4], 1, list(STUDY_HEADS)
-        overrides = [*QUICK, *args.overrides]
+        overrides, calibration = [*QUICK, *args.overrides], (6, 3)
     else:
         identities, budgets, seeds = (_int_list(args.identities, "identities"), _int_list(args.budgets, "budgets"),
                                       args.seeds)
@@ -169,7 +170,7 @@ def _run_threshold(args: argparse.Namespace) -> int:
     if unknown:
         raise UnitsfaceError(f"unknown head {unknown[0]!r}; known: {', '.join(head_registry.names())}")
     out = Path(args.out)
-    records = run_study(base, heads, identities, budgets, range(seeds), out)
+    records = run_study(base, heads, identities, budgets, range(seeds), out, *calibration)
     plot = plot_study(records, out / "threshold_study.png")
     command = "unitsface bench threshold" + (" --quick" if args.quick else "")
     text = study_markdown(records, plot.name, command)

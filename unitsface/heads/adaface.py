@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from unitsface.heads.base import ClassifierHead, register
+from unitsface.heads.base import Head, register
+from unitsface.heads.components import ClassProxies
+from unitsface.losses import columns as LC
 from unitsface.losses import functional as LF
-
-EPS = 1e-3
 
 
 @register("adaface")
-class AdaFaceHead(ClassifierHead):
+class AdaFaceHead(Head):
     """AdaFace, s=64, m=0.4, h=0.333, t_alpha=0.01; buffers `batch_mean`=20, `batch_std`=100."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
                  t_alpha: float = 0.01, weight_init: str = "unit", sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, weight_init, sample_rate)
+        super().__init__(num_classes, embedding_size, sample_rate)
         if not 0.0 < t_alpha <= 1.0:
             raise ValueError(f"t_alpha must be in (0, 1], got {t_alpha}")
         self.s, self.m, self.h, self.t_alpha = float(s), float(m), float(h), float(t_alpha)
+        self.proxies = ClassProxies(self.shard, embedding_size, weight_init)
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
         self.register_buffer("batch_std", torch.full((1,), 100.0))
+        self.spec = LC.ColumnSpec("softmax", self.s, negatives=LF.adaface_negatives)
 
     @torch.no_grad()
     def update_statistics(self, norms: torch.Tensor) -> None:
@@ -42,11 +44,12 @@ class AdaFaceHead(ClassifierHead):
             self.batch_std.copy_(norms.std() * a + (1 - a) * self.batch_std)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, local, _ = self.class_cosine(x, labels)
-        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(1e-3, 100.0)
+        sample = self.columns_for(labels)
+        rows = self.proxies.rows(sample)
+        unit, c_y = self.target_cosines(x, rows, sample)
+        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(LF.ADAFACE_EPS, 100.0)
         if self.training:
             self.update_statistics(norms)  # before use, as the reference does
-        scaler = ((norms - self.batch_mean) / (self.batch_std + EPS) * self.h).clamp(-1.0, 1.0)
-        cos = cos.clamp(-1 + EPS, 1 - EPS)
-        target = LF.adaface_target(LF.gather_target(cos, local), scaler, self.m, EPS)
-        return LF.cross_entropy_rows(self.s * LF.replace_target(cos, local, target), local).mean()
+        quality = LF.adaface_quality(norms, self.batch_mean, self.batch_std, self.h)
+        target = LF.adaface_target(LF.adaface_negatives(c_y), quality, self.m, LF.ADAFACE_EPS)
+        return LC.column_loss(unit, rows, sample.labels, target, self.spec)

@@ -1,32 +1,30 @@
-"""Base classes of every head: class-sharded state, the global batch, the registry.
+"""What every head shares: the registry, parameter checks, the global batch, the epoch, and the step's
+Partial FC column sample.
 
-A head is an `nn.Module` whose `forward(embeddings, labels)` returns the scalar training
-loss. It owns per-identity state for its class shard (`unitsface.parallel.ClassShard`):
-`weight` (C×d class proxies), and in subclasses `memory`, `bias`, `prototypes`. In one
-process the shard is the whole class range, so `weight` is C×d.
-
-Subclasses implement `compute_loss(x, labels)`, where `x` (B_g×d, raw embeddings) and
-`labels` (B_g, global class ids) are the global batch of this step. With Partial FC
-(`sample_rate` < 1) they read every per-class state through one `ColumnSample` per step
-(`Head.columns_for`), and write buffers at the real rows (`write_rows`).
+A head is an `nn.Module` whose `forward(embeddings, labels)` returns the scalar training loss of the
+global batch. It holds per-class state as components for its class shard (`heads.components`:
+`proxies`, `memory`, `bias`, `prototypes`, `queue`, `pairs`); in one process the shard is the whole
+class range. Subclasses implement `compute_loss(x, labels)`, where `x` (B_g×d, raw embeddings) and
+`labels` (B_g, global class ids) are the global batch of this step, and evaluate their loss with the
+column-loss engine (`unitsface.losses.columns`). With Partial FC (`sample_rate` < 1) every component
+reads through one `ColumnSample` per optimizer step (`Head.columns_for`).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from unitsface.errors import UnitsfaceError
+from unitsface.heads.components import ColumnSample, LearnedBias
+from unitsface.losses import columns as LC
 from unitsface.losses import functional as LF
-from unitsface.optim import read_rows
 from unitsface.parallel import ClassShard, gather_batch
 from unitsface.registry import Registry
 
@@ -73,24 +71,6 @@ def build(name: str, num_classes: int, embedding_size: int, **params: Any) -> nn
         raise UnitsfaceError(f"head {name!r}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class ColumnSample:
-    """The columns of the class shard that one forward call uses.
-
-    `labels` index the kept columns (-1: the class lives on another shard); `columns` are the
-    sorted kept shard rows, None when every row is kept. Writes to per-identity buffers use the
-    real rows (`ClassShard.local_labels`), never these.
-    """
-
-    labels: torch.Tensor
-    columns: torch.Tensor | None
-
-    def take(self, rows: torch.Tensor) -> torch.Tensor:
-        """The kept rows of per-class state (C_r×…), `rows` itself when all are kept. `read_rows`:
-        plain indexing, or for a lazily updated weight its catch-up and sparse gradient."""
-        return rows if self.columns is None else read_rows(rows, self.columns)
-
-
 class Head(nn.Module):
     """Common machinery: shard bookkeeping, label validation, the global batch, epochs, and the
     Partial FC column sample (`sample_rate`) shared by every per-identity state of a head."""
@@ -112,13 +92,27 @@ class Head(nn.Module):
 
     @property
     def threshold(self) -> float | None:
-        """The learned unified threshold b/s in cosine units, for heads that learn one."""
-        return None
+        """The learned unified threshold b/s in cosine units, for heads whose `bias` is a unified
+        `LearnedBias` (once set); None otherwise."""
+        bias = getattr(self, "bias", None)
+        return bias.threshold if isinstance(bias, LearnedBias) else None
 
     def learned_thresholds(self) -> dict[str, float]:
         """Every convention of the learned unified threshold, the primary (`threshold`) first; empty for
         heads without one (methods.md §2.7, §3.1)."""
-        return {} if self.threshold is None else {"b/s": float(self.threshold)}
+        return {} if self.threshold is None else {"b/s": self.threshold}
+
+    def proxy_weight(self) -> nn.Parameter | None:
+        """The class-proxy matrix, which `train.sparse_update` lets the optimiser update row by row."""
+        proxies = getattr(self, "proxies", None)
+        return None if proxies is None else proxies.weight
+
+    def target_cosines(self, x: torch.Tensor, rows: torch.Tensor, sample: ColumnSample
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit embeddings, c_{i,y_i} against `rows` on every rank): what every cosine head's target and
+        column loss start from."""
+        unit = LF.normalize(x)
+        return unit, LC.target_cosine(unit, rows, sample.labels)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -168,8 +162,9 @@ class Head(nn.Module):
     def columns_for(self, labels: torch.Tensor) -> ColumnSample:
         """This step's Partial FC columns of the shard for the global `labels` (methods.md §1.0, §3.2).
 
-        Drawn once per forward call and read through by every per-identity state of the head, so
-        that `weight`, `memory`, `prototypes` and per-class `bias` see the same columns.
+        Drawn once per optimizer step (`step_columns`), else once per forward call, and read through by
+        every component of the head, so that proxies, memory, prototypes and per-class bias see the same
+        columns.
         """
         local = self.shard.local_labels(labels)
         columns = self.sampled_columns(local) if self._step_sample is None else self._step_sample[0]
@@ -179,75 +174,9 @@ class Head(nn.Module):
         return ColumnSample(torch.where(local >= 0, remapped, torch.full_like(local, -1)), columns)
 
 
-def init_class_rows(rows: int, embedding_size: int, init: str = "normal") -> torch.Tensor:
-    """Class-proxy initialisations of methods.md §1.0.
-
-    "normal": N(0, 1/d) (UniTSFace/UniFace/EPL; Kaiming normal a=1, fan-in) — the default;
-    "normal_001": N(0, 0.01²) (insightface Partial FC, CurricularFace); "unit": uniform(−1, 1)
-    rows rescaled to unit norm (MagFace, AdaFace); "xavier": Xavier uniform (UNPG).
-    """
-    w = torch.empty(rows, embedding_size)
-    if init == "normal":
-        nn.init.normal_(w, 0.0, 1.0 / math.sqrt(embedding_size))
-    elif init == "normal_001":
-        nn.init.normal_(w, 0.0, 0.01)
-    elif init == "unit":
-        w.uniform_(-1, 1)
-        w = LF.normalize(w)
-    elif init == "xavier":
-        nn.init.xavier_uniform_(w)
-    else:
-        raise ValueError(f"weight_init must be normal, normal_001, unit or xavier, got {init!r}")
-    return w
-
-
-class ClassifierHead(Head):
-    """A head with class proxies `weight` (this shard's C_r×d rows), optionally Partial-FC sampled.
-
-    `sample_rate` < 1 keeps every class that is positive in the global batch and samples
-    the rest uniformly without replacement, fresh every step (methods.md §1.0, §3.2).
-    """
-
-    def __init__(
-        self, num_classes: int, embedding_size: int, weight_init: str = "normal", sample_rate: float = 1.0
-    ) -> None:
-        super().__init__(num_classes, embedding_size, sample_rate=sample_rate)
-        self.weight = nn.Parameter(init_class_rows(self.shard.size, embedding_size, weight_init))
-
-    def class_rows(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(proxies used this step, labels local to them, kept columns or None).
-
-        Local labels index the returned rows (-1 for classes on other shards).
-        """
-        sample = self.columns_for(labels)
-        return sample.take(self.weight), sample.labels, sample.columns
-
-    def class_cosine(
-        self, x: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(cos, local labels, kept columns): fp32 cosines against this step's proxies."""
-        rows, local, columns = self.class_rows(labels)
-        return LF.cosine(x, rows), local, columns
-
-
-def last_occurrence(labels: torch.Tensor) -> torch.Tensor:
-    """Indices i such that labels[i] >= 0 is the last occurrence of its value (batch order)."""
-    n = labels.numel()
-    order = torch.arange(n, device=labels.device)
-    valid = labels >= 0
-    if not bool(valid.any()):
-        return order[:0]
-    # Scatter-max of positions per label gives the last writer, deterministically.
-    last = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long, device=labels.device)
-    last.scatter_reduce_(0, labels[valid], order[valid], reduce="amax")
-    return last[last >= 0]
-
-
-@torch.no_grad()
-def write_rows(buffer: torch.Tensor, local_labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """buffer[y_i] <- rows[i] for this shard's labels, the last occurrence of a label winning
-    (methods.md §2.1 "last writer wins"). Returns the written slot indices."""
-    keep = last_occurrence(local_labels)
-    slots = local_labels[keep]
-    buffer[slots] = rows[keep].to(buffer.dtype)
-    return slots
+def clamp_mode(clamp: bool | str) -> bool:
+    """The references' [−s, s] argument clamp: True / "reference", or False / "none" (methods.md §3.5)."""
+    modes = {True: True, False: False, "reference": True, "none": False}
+    if not isinstance(clamp, (bool, str)) or clamp not in modes:
+        raise ValueError(f"clamp must be true, false, 'reference' or 'none', got {clamp!r}")
+    return modes[clamp]

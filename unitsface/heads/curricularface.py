@@ -12,29 +12,35 @@ from __future__ import annotations
 
 import torch
 
-from unitsface.heads.base import ClassifierHead, register
+from unitsface.heads.base import Head, register
+from unitsface.heads.components import ClassProxies
+from unitsface.losses import columns as LC
 from unitsface.losses import functional as LF
-from unitsface.parallel import sum_over_shards
 
 
 @register("curricularface")
-class CurricularFaceHead(ClassifierHead):
+class CurricularFaceHead(Head):
     """CurricularFace, s=64, m=0.5, alpha=0.01; buffer `t`=0; W init N(0, 0.01²) as the reference."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5,
                  alpha: float = 0.01, weight_init: str = "normal_001", sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, weight_init, sample_rate)
+        super().__init__(num_classes, embedding_size, sample_rate)
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.s, self.m, self.alpha = float(s), float(m), float(alpha)
+        self.proxies = ClassProxies(self.shard, embedding_size, weight_init)
         self.register_buffer("t", torch.zeros(1))
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, local, _ = self.class_cosine(x, labels)
-        # Each row's target cosine from its owner shard: every shard needs it for the hard mask,
-        # and t averages it over the global batch (D5).
-        target_cos = sum_over_shards(LF.gather_target(cos.detach(), local))
+        sample = self.columns_for(labels)
+        rows = self.proxies.rows(sample)
+        unit, c_y = self.target_cosines(x, rows, sample)
+        # Every row's target cosine is known on every shard: the hard mask needs it, and t averages it
+        # over the global batch (D5).
+        target_cos = c_y.detach()
         if self.training:
             with torch.no_grad():
                 self.t.copy_(target_cos.mean() * self.alpha + (1 - self.alpha) * self.t)
-        return LF.curricularface_loss(cos, local, target_cos, self.t, self.s, self.m)
+        t = self.t.clone()  # the value of this step, whatever happens to the buffer before backward
+        spec = LC.ColumnSpec("softmax", self.s, negatives=lambda c: LF.curricular_negatives(c, target_cos, t, self.m))
+        return LC.column_loss(unit, rows, sample.labels, LF.arcface_target(c_y, self.m, "exact", "hard"), spec)

@@ -7,7 +7,7 @@ before the loss, for each sample (global batch, all rows reading the old Q):
     ẽ = normalize(sg(x)),  a = <Q_y, ẽ>,  α = g(a) (softsign by default)
     Q_y <- normalize(α·Q_y + (1 − α)·ẽ)            (last occurrence of a label wins)
 
-From epoch index `start_epoch` (3) the EP rows v_ij = <e_i, sg(Q̂_j)>, with the adaptive
+From epoch index `ep_start_epoch` (3) the EP rows v_ij = <e_i, sg(Q̂_j)>, with the adaptive
 target v'_iy = v_iy − k·sg(v_iy), are stacked under the classifier rows:
 
     L = ½(L_W + L_EP)   (stack_weight="half", the reference's mean over 2B rows)
@@ -16,67 +16,59 @@ Variants: `cosface_epl` (CosFace rows, EP rows without fixed margin), `arcface_e
 (straight-through ArcFace, m=0.4, the margin also on the EP rows), `uce_epl` (UCE with one
 shared scalar bias on both blocks, the reference's [−s, s] clamp). Every row has one
 positive, so the EPL criterion log(1 + Σ_neg e^z · Σ_pos e^−z) is exactly CE, computed as
-LSE − target (the stable form of §5.5).
+LSE − target (the stable form of §5.5). Both blocks go through the column-loss engine.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-from unitsface.heads.base import ClassifierHead, register, write_rows
-from unitsface.heads.uniface import BiasThresholds, clamp_mode, uce_thresholds
+from unitsface.heads.base import Head, clamp_mode, register
+from unitsface.heads.components import ClassProxies, LearnedBias, PrototypeBank, uniface_bias_start
+from unitsface.losses import columns as LC
 from unitsface.losses import functional as LF
 
 
-class PrototypeHead(ClassifierHead):
-    """The EPL machinery: the `prototypes` bank, its update, the EP rows and their stacking."""
+class PrototypeHead(Head):
+    """The EPL machinery: the prototype bank, its update, the EP rows and their stacking."""
 
-    def __init__(self, num_classes: int, embedding_size: int, s: float, m: float, k: float, start_epoch: int,
+    renamed = {"start_epoch": "ep_start_epoch"}
+
+    def __init__(self, num_classes: int, embedding_size: int, s: float, m: float, k: float, ep_start_epoch: int,
                  alpha: str, bank_init: str, update: str, stack_weight: str, weight_init: str,
-                 sample_rate: float) -> None:
-        super().__init__(num_classes, embedding_size, weight_init, sample_rate)
-        LF.prototype_gate(torch.zeros(1), alpha)  # validates the gate name up front
-        for name, value, allowed in (("bank_init", bank_init, ("reference", "unit")),
-                                     ("update", update, ("before_loss", "after_loss")),
+                 sample_rate: float, spec: LC.ColumnSpec) -> None:
+        super().__init__(num_classes, embedding_size, sample_rate)
+        for name, value, allowed in (("update", update, ("before_loss", "after_loss")),
                                      ("stack_weight", stack_weight, ("half", "sum"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        self.s, self.m, self.k, self.start_epoch = float(s), float(m), float(k), int(start_epoch)
-        self.alpha, self.update, self.stack_weight = alpha, update, stack_weight
-        # The reference bank is N(0, 1), not normalised: the first write to a row is dominated by it.
-        bank = torch.randn(self.shard.size, embedding_size)
-        self.register_buffer("prototypes", LF.normalize(bank) if bank_init == "unit" else bank)
+        self.s, self.m, self.k, self.ep_start_epoch = float(s), float(m), float(k), int(ep_start_epoch)
+        self.update, self.stack_weight, self.spec = update, stack_weight, spec
+        self.proxies = ClassProxies(self.shard, embedding_size, weight_init)
+        self.prototypes = PrototypeBank(self.shard, embedding_size, alpha, bank_init)
 
-    @torch.no_grad()
-    def update_prototypes(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        """Gated moving prototype of §5.2: parallel read of the old rows, last writer wins."""
-        local = self.shard.local_labels(labels)
-        e = LF.normalize(x)
-        old = self.prototypes[local.clamp(min=0)]
-        gate = LF.prototype_gate((old * e).sum(dim=1), self.alpha).unsqueeze(1)
-        write_rows(self.prototypes, local, LF.normalize(gate * old + (1.0 - gate) * e))
-
-    def classifier_loss(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def classifier_target(self, c: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def prototype_loss(self, v: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def prototype_target(self, v: torch.Tensor) -> torch.Tensor:
+        """The EP target: the adaptive margin v − k·sg(v) (§5.3), and the variant's fixed margin on top."""
         raise NotImplementedError
+
+    def block_loss(self, x: torch.Tensor, rows: torch.Tensor, sample, target) -> torch.Tensor:  # noqa: ANN001
+        bias = self.bias.columns(sample) if isinstance(getattr(self, "bias", None), LearnedBias) else None
+        unit, c_y = self.target_cosines(x, rows, sample)
+        return LC.column_loss(unit, rows, sample.labels, target(c_y), self.spec, bias=bias)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sample = self.columns_for(labels)  # one Partial FC draw for `weight` and `prototypes` alike
-        cos, local = LF.cosine(x, sample.take(self.weight)), sample.labels
+        sample = self.columns_for(labels)  # one Partial FC draw for the proxies and the prototypes alike
         if self.training and self.update == "before_loss":
-            self.update_prototypes(x, labels)  # the real rows, sampled or not
-        loss = self.classifier_loss(cos, local)
-        if self.epoch >= self.start_epoch:
-            v = LF.adaptive_prototype_margin(LF.cosine(x, sample.take(self.prototypes)), local, self.k)
-            ep = self.prototype_loss(v, local)
+            self.prototypes.update(x, labels)  # the real rows, sampled or not
+        loss = self.block_loss(x, self.proxies.rows(sample), sample, self.classifier_target)
+        if self.epoch >= self.ep_start_epoch:
+            ep = self.block_loss(x, self.prototypes.rows(sample), sample, self.prototype_target)
             loss = 0.5 * (loss + ep) if self.stack_weight == "half" else loss + ep
         if self.training and self.update == "after_loss":
-            self.update_prototypes(x, labels)
+            self.prototypes.update(x, labels)
         return loss
 
 
@@ -85,17 +77,17 @@ class CosFaceEPLHead(PrototypeHead):
     """`CosFace_EPL`, the reference's default head: s=64, m=0.4, k=0.7, EP from epoch index 3."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, k: float = 0.7,
-                 start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
+                 ep_start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
                  update: str = "before_loss", stack_weight: str = "half", weight_init: str = "normal",
                  sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, s, m, k, start_epoch, alpha, bank_init, update,
-                         stack_weight, weight_init, sample_rate)
+        super().__init__(num_classes, embedding_size, s, m, k, ep_start_epoch, alpha, bank_init, update,
+                         stack_weight, weight_init, sample_rate, LC.ColumnSpec("softmax", float(s)))
 
-    def classifier_loss(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        return LF.cosface_loss(cos, local, self.s, self.m)
+    def classifier_target(self, c: torch.Tensor) -> torch.Tensor:
+        return LF.cosface_target(c, self.m)
 
-    def prototype_loss(self, v: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        return LF.normface_loss(v, local, self.s)  # the adaptive margin only, no fixed m
+    def prototype_target(self, v: torch.Tensor) -> torch.Tensor:
+        return LF.adaptive_margin_target(v, self.k)  # the adaptive margin only, no fixed m
 
 
 @register("arcface_epl")
@@ -103,40 +95,48 @@ class ArcFaceEPLHead(PrototypeHead):
     """`Arcface_EPL`: straight-through ArcFace (m=0.4, no fallback) on both blocks."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, k: float = 0.7,
-                 start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
+                 ep_start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
                  update: str = "before_loss", stack_weight: str = "half", gradient: str = "straight_through",
                  fallback: str = "none", weight_init: str = "normal", sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, s, m, k, start_epoch, alpha, bank_init, update,
-                         stack_weight, weight_init, sample_rate)
+        super().__init__(num_classes, embedding_size, s, m, k, ep_start_epoch, alpha, bank_init, update,
+                         stack_weight, weight_init, sample_rate, LC.ColumnSpec("softmax", float(s)))
         LF.arcface_target(torch.zeros(1), m, gradient, fallback)  # validates the modes up front
         self.gradient, self.fallback = gradient, fallback
 
-    def classifier_loss(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        return LF.arcface_loss(cos, local, self.s, self.m, self.gradient, self.fallback)
+    def classifier_target(self, c: torch.Tensor) -> torch.Tensor:
+        return LF.arcface_target(c, self.m, self.gradient, self.fallback)
 
-    prototype_loss = classifier_loss  # the EP target carries the adaptive and the angular margin
+    def prototype_target(self, v: torch.Tensor) -> torch.Tensor:
+        return self.classifier_target(LF.adaptive_margin_target(v, self.k))  # adaptive and angular margin
 
 
 @register("uce_epl")
-class UCEEPLHead(BiasThresholds, PrototypeHead):
-    """`Uniface_EPL`: UCE with one learnable scalar `bias` shared by both blocks, b0 = log(10·C·r)."""
+class UCEEPLHead(PrototypeHead):
+    """`Uniface_EPL`: UCE with one learnable scalar bias shared by both blocks, b0 = log(10·C·r)."""
+
+    renamed = {"start_epoch": "ep_start_epoch", "neg_weight": "lam"}
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, k: float = 0.7,
-                 start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
+                 ep_start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
                  update: str = "before_loss", stack_weight: str = "half", bias_init: float | None = None,
-                 neg_weight: float = 1.0, clamp: bool | str = True, weight_init: str = "normal",
+                 lam: float = 1.0, clamp: bool | str = True, weight_init: str = "normal",
                  sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, s, m, k, start_epoch, alpha, bank_init, update,
-                         stack_weight, weight_init, sample_rate)
-        if bias_init is None:
-            bias_init = math.log(10.0 * num_classes * sample_rate)  # UniFace code; r-aware (§3.2)
-        self.bias = nn.Parameter(torch.tensor([float(bias_init)]))
-        self.neg_weight, self.clamp = float(neg_weight), clamp_mode(clamp)
+        spec = LC.ColumnSpec("bce", float(s), lam=float(lam), clamp=clamp_mode(clamp))
+        super().__init__(num_classes, embedding_size, s, m, k, ep_start_epoch, alpha, bank_init, update,
+                         stack_weight, weight_init, sample_rate, spec)
+        self.lam = float(lam)
+        self.bias = LearnedBias(self.shard, False, uniface_bias_start(num_classes, self.sample_rate, bias_init),
+                                self.s)
+
+    @property
+    def clamp(self) -> bool:
+        return self.spec.clamp
 
     def learned_thresholds(self) -> dict[str, float]:
-        return uce_thresholds(float(self.bias.detach()), self.s, self.num_classes)
+        return self.bias.uce_conventions(self.num_classes)
 
-    def classifier_loss(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        return LF.threshold_bce_loss(cos, local, self.bias, self.s, self.m, self.neg_weight, self.clamp)
+    def classifier_target(self, c: torch.Tensor) -> torch.Tensor:
+        return LF.cosface_target(c, self.m)
 
-    prototype_loss = classifier_loss  # the same b and fixed m on top of the adaptive margin (§5.4)
+    def prototype_target(self, v: torch.Tensor) -> torch.Tensor:
+        return self.classifier_target(LF.adaptive_margin_target(v, self.k))  # the same b and m, adaptive margin

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import torch
 
-from unitsface.heads.base import ClassifierHead, register, write_rows
+from unitsface.heads.base import Head, register
+from unitsface.heads.components import ClassProxies, FeatureQueue
+from unitsface.losses import columns as LC
 from unitsface.losses import functional as LF
 
 
 @register("vpl")
-class VPLHead(ClassifierHead):
-    """VPL on an ArcFace or CosFace base; buffers `queue`, `queue_iters`, `iteration`."""
+class VPLHead(Head):
+    """VPL on an ArcFace or CosFace base; the queue component holds `features`, `written`, `iteration`."""
+
+    renamed = {"start_iter": "vpl_start_step"}
 
     def __init__(self, num_classes: int, embedding_size: int, base: str = "arcface", s: float = 64.0,
                  m: float | None = None, gradient: str = "exact", fallback: str = "hard",
-                 vpl_lambda: float = 0.15, start_iter: int = 8000, staleness: int = 200,
+                 vpl_lambda: float = 0.15, vpl_start_step: int = 8000, staleness: int = 200,
                  weight_init: str = "normal_001", sample_rate: float = 1.0) -> None:
-        super().__init__(num_classes, embedding_size, weight_init, sample_rate)
+        super().__init__(num_classes, embedding_size, sample_rate)
         if base not in ("arcface", "cosface"):
             raise ValueError(f"base must be 'arcface' or 'cosface', got {base!r}")
         if not 0.0 <= vpl_lambda <= 1.0:
@@ -38,28 +42,25 @@ class VPLHead(ClassifierHead):
         LF.arcface_target(torch.zeros(1), 0.0, gradient, fallback)  # validates the modes up front
         self.base, self.s, self.gradient, self.fallback = base, float(s), gradient, fallback
         self.m = float(m) if m is not None else (0.5 if base == "arcface" else 0.4)
-        self.vpl_lambda, self.start_iter, self.staleness = float(vpl_lambda), int(start_iter), int(staleness)
-        self.register_buffer("queue", LF.normalize(torch.randn(self.shard.size, embedding_size)))
-        self.register_buffer("queue_iters", torch.zeros(self.shard.size, dtype=torch.long))
-        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.vpl_lambda, self.vpl_start_step, self.staleness = float(vpl_lambda), int(vpl_start_step), int(staleness)
+        self.proxies = ClassProxies(self.shard, embedding_size, weight_init)
+        self.queue = FeatureQueue(self.shard, embedding_size)
+        self.spec = LC.ColumnSpec("softmax", self.s)
 
-    def mixing_weights(self, written: torch.Tensor) -> torch.Tensor:
-        """λ_j per class row: λ for classes written within the staleness limit once past T_0."""
-        active = (self.iteration > self.start_iter) & (self.iteration - written <= self.staleness)
-        return torch.where(active, self.vpl_lambda, 0.0).float()
+    def target(self, c: torch.Tensor) -> torch.Tensor:
+        if self.base == "arcface":
+            return LF.arcface_target(c, self.m, self.gradient, self.fallback)
+        return LF.cosface_target(c, self.m)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self.iteration += 1
-        sample = self.columns_for(labels)  # one Partial FC draw for `weight` and the queue alike
-        lam = self.mixing_weights(sample.take(self.queue_iters)).unsqueeze(1)
-        mixed = (1.0 - lam) * LF.normalize(sample.take(self.weight)) + lam * sample.take(self.queue)
-        cos = LF.cosine(x, mixed)  # cosine normalises the mix
-        if self.base == "arcface":
-            loss = LF.arcface_loss(cos, sample.labels, self.s, self.m, self.gradient, self.fallback)
-        else:
-            loss = LF.cosface_loss(cos, sample.labels, self.s, self.m)
+            self.queue.iteration += 1
+        sample = self.columns_for(labels)  # one Partial FC draw for the proxies and the queue alike
+        lam = self.queue.mixing(sample, self.vpl_lambda, self.vpl_start_step, self.staleness).unsqueeze(1)
+        # The mixed rows are a shard-sized copy: the engine normalises them, the queue write below cannot reach them.
+        mixed = (1.0 - lam) * LF.normalize(self.proxies.rows(sample)) + lam * self.queue.rows(sample)
+        unit, c_y = self.target_cosines(x, mixed, sample)
+        loss = LC.column_loss(unit, mixed, sample.labels, self.target(c_y), self.spec)
         if self.training:
-            slots = write_rows(self.queue, self.shard.local_labels(labels), LF.normalize(x.detach()))
-            self.queue_iters[slots] = self.iteration
+            self.queue.write(x.detach(), labels)
         return loss

@@ -1,6 +1,7 @@
-"""Loss math: `functional` holds every formula as a function of cosine matrices; `rows` streams the
-CosFace and threshold-BCE losses over a shard's class rows in column chunks (memory ∝ the shard)."""
+"""Loss math: `functional` holds each head's formulas (target transforms) and their dense references on
+cosine matrices; `columns` is the engine every head trains with, streaming the columns of a class shard in
+chunks (memory ∝ the shard)."""
 
-from unitsface.losses import functional, rows
+from unitsface.losses import columns, functional
 
-__all__ = ["functional", "rows"]
+__all__ = ["columns", "functional"]

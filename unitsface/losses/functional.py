@@ -1,13 +1,18 @@
 """Pure loss math on cosine matrices (methods.md; every formula cites its paper or code).
 
-Every function takes `cos` (B×C, fp32: heads compute it outside autocast, methods.md N1)
-and `labels` (B,) indexing its columns, and returns the mean over the B rows. `labels`
-may hold -1 for rows whose class lives on another rank's class shard: the
-`unitsface.parallel` reductions used below then combine the shards (D3, D4), and in a
-single process they are plain `logsumexp` / sums.
+Two kinds of functions live here. The *target transforms* (`cosface_target`, `arcface_target`,
+`magface_target`, `adaface_target`, `adaptive_margin_target`, ...) and non-target transforms
+(`curricular_negatives`, `adaface_negatives`) are each head's formula, written once: the heads apply
+them to their target cosines before the column-loss engine (`unitsface.losses.columns`) streams the
+columns. The *dense references* (`cosface_loss`, `threshold_bce_loss`, ..., all through
+`dense_column_loss`) compute the same losses on a whole B×C cosine matrix with autograd: small, exact,
+and what the tests hold the engine and the authors' reference numbers to.
 
-Logits are never exponentiated directly (N2): cross-entropy is LSE − target, BCE terms
-are softplus.
+Every loss takes `cos` (B×C, fp32, methods.md N1) and `labels` (B,) indexing its columns, and returns
+the mean over the B rows. `labels` may hold -1 for rows whose class lives on another rank's class
+shard: the `unitsface.parallel` reductions then combine the shards (D3, D4), and in a single process
+they are plain `logsumexp` / sums. Logits are never exponentiated directly (N2): cross-entropy is
+LSE − target, BCE terms are softplus.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from unitsface.errors import UnitsfaceError
-from unitsface.parallel import logsumexp_over_shards, sum_over_shards
+from unitsface.losses.columns import NORM_EPS, ColumnSpec, row_norms
+from unitsface.parallel import is_main_process, logsumexp_over_shards, sum_over_shards
 
 COS_EPS = 1e-7  # N3: clamp before arccos / sqrt(1 - c^2)
-NORM_EPS = 1e-5  # the CVI-SZU and EPL references normalise with max(|x|, 1e-5)
 
 
 # --------------------------------------------------------------------------- basics
@@ -47,11 +52,6 @@ def cosine(embeddings: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) 
         if not rows.requires_grad or embeddings.shape[0] >= rows.shape[1]:
             return x @ normalize(rows, eps).t()
         return unit_cosine(x, rows.float(), eps)
-
-
-def row_norms(rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """max(|row|, eps) in fp32 (whatever the rows' dtype), the denominator of every cosine against `rows`."""
-    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).clamp_min(eps)
 
 
 def unit_cosine(unit_x: torch.Tensor, rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -87,6 +87,50 @@ def softplus(u: torch.Tensor) -> torch.Tensor:
     torch's kernel is the stable form (linear above u = 20) with the exact gradient σ(u).
     """
     return F.softplus(u)
+
+
+# --------------------------------------------------------------------------- the column loss, dense
+
+
+def dense_column_loss(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    target: torch.Tensor,
+    spec: ColumnSpec,
+    bias: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`columns.column_loss` written on the whole B×C cosine matrix with autograd: the definition the engine
+    is tested against (same arguments, `cos` in place of embeddings and rows).
+
+    z_ij = s·g(c_ij) − b_j off the target, z_i = s·φ_i − b_{y_i} on it; softmax: Σ_i w_i (LSE_i − z_i) with
+    the extra logit in the LSE and no loss for a row whose own column is invalid; bce: Σ_i w_i (sp(−[z_i])
+    + λ Σ_{j≠y_i} sp([z_ij])) over valid columns, [·] the optional clamp to [−s, s].
+    """
+    n = cos.shape[0]
+    weights = torch.full((n,), 1.0 / max(1, n), device=cos.device) if weights is None else weights
+    positive = target_mask(labels, cos.shape[1])
+    z = spec.s * (cos if spec.negatives is None else spec.negatives(cos))
+    column_bias = torch.zeros((), device=cos.device) if bias is None else bias.float()
+    z = z - column_bias
+    z_target = spec.s * target - (column_bias if column_bias.numel() == 1
+                                  else sum_over_shards(gather_target(column_bias.expand_as(cos), labels)))
+    valid_columns = torch.ones_like(positive) if valid is None else valid.expand_as(positive)
+    has_target = sum_over_shards(gather_target(valid_columns.float(), labels)) > 0
+    if spec.kind == "softmax":
+        negatives = z.masked_fill(positive | ~valid_columns, -math.inf)
+        lse = torch.logaddexp(logsumexp_over_shards(negatives, dim=1), z_target)
+        if extra is not None:
+            lse = torch.logaddexp(lse, extra)
+        return (weights * torch.where(has_target, lse - z_target, torch.zeros_like(lse))).sum()
+    u = torch.where(positive, -z_target.unsqueeze(1), z)
+    if spec.clamp:
+        u = u.clamp(-spec.s, spec.s)
+    terms = softplus(u) * torch.where(positive, 1.0, spec.lam)  # λ on the negatives
+    terms = torch.where(valid_columns, terms, torch.zeros_like(terms))
+    return sum_over_shards((weights * terms.sum(dim=1)).sum())
 
 
 # --------------------------------------------------------------------------- margins
@@ -145,22 +189,31 @@ def combined_target(
     return c + delta
 
 
-# --------------------------------------------------------------------------- sample-to-class CE heads
+# --------------------------------------------------------------------------- targets and references
+
+
+def cosface_target(c: torch.Tensor, m: float) -> torch.Tensor:
+    """CosFace target c − m (Wang et al. 2018; methods.md §1.3)."""
+    return c - m
+
+
+def target_of(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's target cosine from the owner shard, on every rank (the dense counterpart of
+    `columns.target_cosine`)."""
+    return sum_over_shards(gather_target(cos, labels))
+
+
+# ------- readable references: each head's loss on a whole cosine matrix (`dense_column_loss`)
 
 
 def normface_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) -> torch.Tensor:
     """NormFace: CE(s·cos) (UniFace paper Eq. 8, L_sl)."""
-    return cross_entropy_rows(s * cos, labels).mean()
-
-
-def cosface_logits(cos: torch.Tensor, labels: torch.Tensor, s: float, m: float) -> torch.Tensor:
-    """s·(cos − m·onehot): the CosFace logits."""
-    return s * (cos - m * target_mask(labels, cos.shape[1]))
+    return dense_column_loss(cos, labels, target_of(cos, labels), ColumnSpec("softmax", s))
 
 
 def cosface_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0, m: float = 0.4) -> torch.Tensor:
     """CosFace: CE(s·(cos − m·onehot)) (Wang et al. 2018; methods.md §1.3)."""
-    return cross_entropy_rows(cosface_logits(cos, labels, s, m), labels).mean()
+    return dense_column_loss(cos, labels, cosface_target(target_of(cos, labels), m), ColumnSpec("softmax", s))
 
 
 def arcface_loss(
@@ -171,12 +224,9 @@ def arcface_loss(
     gradient: str = "exact",
     fallback: str = "hard",
 ) -> torch.Tensor:
-    """ArcFace: CE with target s·cos(θ_y + m) (Deng et al. 2019; methods.md §1.4).
-
-    arccos runs on the target column only.
-    """
-    target = arcface_target(gather_target(cos, labels), m, gradient, fallback)
-    return cross_entropy_rows(s * replace_target(cos, labels, target), labels).mean()
+    """ArcFace: CE with target s·cos(θ_y + m) (Deng et al. 2019; methods.md §1.4); arccos on the targets only."""
+    target = arcface_target(target_of(cos, labels), m, gradient, fallback)
+    return dense_column_loss(cos, labels, target, ColumnSpec("softmax", s))
 
 
 def combined_loss(
@@ -189,8 +239,8 @@ def combined_loss(
     gradient: str = "exact",
 ) -> torch.Tensor:
     """Combined margin CE with target s·(cos(m1·θ + m2) − m3) (insightface; methods.md §1.5)."""
-    target = combined_target(gather_target(cos, labels), m1, m2, m3, gradient)
-    return cross_entropy_rows(s * replace_target(cos, labels, target), labels).mean()
+    target = combined_target(target_of(cos, labels), m1, m2, m3, gradient)
+    return dense_column_loss(cos, labels, target, ColumnSpec("softmax", s))
 
 
 # ------- threshold BCE family (UniFace UCE, UniTSFace USS) and uniform-classification metrics
@@ -202,7 +252,7 @@ def threshold_bce_loss(
     bias: torch.Tensor,
     s: float = 64.0,
     m: float = 0.4,
-    neg_weight: float = 1.0,
+    lam: float = 1.0,
     clamp: bool = False,
     valid_columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -215,34 +265,11 @@ def threshold_bce_loss(
 
     softplus keeps every finite input finite (§3.5). `clamp=True` reproduces the references'
     clamp of each argument to [−s, s], which stops the gradient of far-out terms (§2.2).
-    `valid_columns` (C or B×C bool) drops unfilled memory slots: they are not negatives, and a
-    row whose own column is invalid has no positive term but still counts in the mean (§2.1).
+    `valid_columns` (C,) drops unfilled memory slots: they are not negatives, and a row whose
+    own column is invalid has no positive term but still counts in the mean (§2.1).
     """
-    return sum_over_shards(threshold_bce_terms(cos, labels, bias, s, m, neg_weight, clamp, valid_columns)
-                           .sum(dim=1)).mean()
-
-
-def threshold_bce_terms(
-    cos: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor,
-    s: float,
-    m: float,
-    neg_weight: float = 1.0,
-    clamp: bool = False,
-    valid_columns: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The B×C softplus terms of `threshold_bce_loss` (same arguments), before the column sum."""
-    positive = target_mask(labels, cos.shape[1])
-    u = s * (cos - m * positive) - bias.float()
-    if clamp:
-        u = u.clamp(-s, s)
-    terms = softplus(torch.where(positive, -u, u))
-    if neg_weight != 1.0:
-        terms = torch.where(positive, terms, neg_weight * terms)
-    if valid_columns is not None:
-        terms = torch.where(valid_columns, terms, torch.zeros_like(terms))
-    return terms
+    return dense_column_loss(cos, labels, cosface_target(target_of(cos, labels), m),
+                             ColumnSpec("bce", s, lam=lam, clamp=clamp), bias, valid=valid_columns)
 
 
 def negative_logits(cos: torch.Tensor, labels: torch.Tensor, s: float,
@@ -280,18 +307,11 @@ def sample_softmax_loss(
 ) -> torch.Tensor:
     """Sample-to-sample softmax CE(s·(n − m·onehot)) over memory columns (UniTSFace Eq. 17, §2.3).
 
-    Invalid (unfilled) columns get logit −inf. A row whose own column is invalid has no
-    positive, so no cross-entropy: it contributes 0 but still counts in the mean (§2.1).
+    Invalid (unfilled) columns are left out. A row whose own column is invalid has no positive, so no
+    cross-entropy: it contributes 0 but still counts in the mean (§2.1).
     """
-    logits = s * (cos - m * target_mask(labels, cos.shape[1]))
-    if valid_columns is None:
-        return cross_entropy_rows(logits, labels).mean()
-    valid = valid_columns.expand_as(logits)
-    has_positive = sum_over_shards(gather_target(valid.float(), labels)) > 0
-    # Rows without a positive are computed unmasked (finite, hence a clean zero gradient), then dropped.
-    logits = logits.masked_fill(~(valid | ~has_positive.unsqueeze(1)), -math.inf)
-    loss = cross_entropy_rows(logits, labels)
-    return torch.where(has_positive, loss, torch.zeros_like(loss)).mean()
+    return dense_column_loss(cos, labels, cosface_target(target_of(cos, labels), m), ColumnSpec("softmax", s),
+                             valid=valid_columns)
 
 
 # Uniform-classification metrics (methods.md §4): evaluated once over a whole set, never per batch.
@@ -416,8 +436,6 @@ def count_once(term: torch.Tensor) -> torch.Tensor:
     trainer sums gradients over ranks. Detaching it elsewhere keeps the value everywhere
     and the gradient exactly once. In one process this is the identity.
     """
-    from unitsface.parallel import is_main_process
-
     return term if is_main_process() else term.detach()
 
 
@@ -460,21 +478,21 @@ def unpg_loss(
     column; `labels` are the global labels of the global batch `embeddings` (they decide
     which pairs are negatives); `class_labels` index the columns of `margin_cos` (local
     labels under class sharding, default `labels`). The appended block is the same in
-    every row, so it enters as one LSE scalar per step: B×K' is never built. With no
-    negative pair the scalar is −inf and the loss is the base loss.
+    every row, so it enters as one LSE scalar per step, the extra logit of the column loss:
+    B×K' is never built. With no negative pair the scalar is −inf and the loss is the base loss.
     Returns (loss, number of negative pairs, number kept).
     """
     kept, num_pairs = tukey_negative_pairs(embeddings, labels, whisker)
-    if kept.numel():
-        pair_lse = count_once(torch.logsumexp(s * kept, dim=0))
-    else:
-        pair_lse = margin_cos.new_tensor(float("-inf"))
-    logits = s * margin_cos
+    pair_lse = count_once(torch.logsumexp(s * kept, dim=0)) if kept.numel() else margin_cos.new_tensor(-math.inf)
     columns = labels if class_labels is None else class_labels
-    # logaddexp after the cross-shard reduction: the pair scalar is added exactly once per row.
-    row_lse = torch.logaddexp(logsumexp_over_shards(logits, dim=1), pair_lse)
-    loss = (row_lse - sum_over_shards(gather_target(logits, columns))).mean()
+    loss = dense_column_loss(margin_cos, columns, target_of(margin_cos, columns), ColumnSpec("softmax", s),
+                             extra=pair_lse)
     return loss, num_pairs, kept.numel()
+
+
+def magface_margin(a: torch.Tensor, l_margin: float, u_margin: float, l_a: float, u_a: float) -> torch.Tensor:
+    """m(a) = l_m + (u_m − l_m)/(u_a − l_a)·(a − l_a), linear in the clamped magnitude (methods.md §1.7)."""
+    return l_margin + (u_margin - l_margin) / (u_a - l_a) * (a - l_a)
 
 
 def magface_target(c: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -498,6 +516,16 @@ def magface_lambda_bound(s: float, l_margin: float, u_margin: float, l_a: float,
     return s * k * u_a * u_a * l_a * l_a / (u_a * u_a - l_a * l_a)
 
 
+def check_magface(s: float, l_margin: float, u_margin: float, l_a: float, u_a: float, lambda_g: float) -> None:
+    """ValueError for magnitudes out of order or a λ_g below the feasibility bound (the reference only warns)."""
+    if not 0.0 < l_a < u_a:
+        raise ValueError(f"MagFace needs 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
+    bound = magface_lambda_bound(s, l_margin, u_margin, l_a, u_a)
+    if lambda_g < bound:
+        raise ValueError(f"lambda_g={lambda_g} is below MagFace's feasibility bound {bound:.2f} for these s, margins "
+                         f"and magnitudes (methods.md §1.7)")
+
+
 def adaface_target(
     c: torch.Tensor, scaler: torch.Tensor, m: float = 0.4, eps: float = 1e-3
 ) -> torch.Tensor:
@@ -509,6 +537,53 @@ def adaface_target(
     return torch.cos((theta - m * scaler).clamp(eps, math.pi - eps)) - (m + m * scaler)
 
 
+@dataclass(frozen=True)
+class MagFaceMagnitudes:
+    """MagFace's magnitude-aware margin and regulariser (methods.md §1.7), for MagFace and MagFace + UNPG:
+
+        a_i = clamp(|x_i|, l_a, u_a) (gradient kept inside the clamp),  target cos(θ_iy + m(a_i)) (easy margin),
+        loss term λ_g·mean_i g(a_i), its gradient counted once over ranks (D1).
+    """
+
+    l_margin: float
+    u_margin: float
+    l_a: float
+    u_a: float
+    lambda_g: float
+
+    def magnitude(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x.float(), dim=1).clamp(self.l_a, self.u_a)  # fp32 norm (N4)
+
+    def target(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        margin = magface_margin(self.magnitude(x), self.l_margin, self.u_margin, self.l_a, self.u_a)
+        return magface_target(c, margin)
+
+    def regularizer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lambda_g * count_once(magface_regularizer(self.magnitude(x), self.u_a).mean())
+
+
+ADAFACE_EPS = 1e-3  # AdaFace clamps every cosine to [−1 + ε, 1 − ε] and θ − m·ẑ to [ε, π − ε]
+
+
+def adaface_quality(norms: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, h: float) -> torch.Tensor:
+    """ẑ = clip(h·(n − μ)/(σ + ε), −1, 1), the feature norm n standardised by the running batch statistics (§1.8)."""
+    return ((norms - mean) / (std + ADAFACE_EPS) * h).clamp(-1.0, 1.0)
+
+
+def adaface_negatives(c: torch.Tensor) -> torch.Tensor:
+    """AdaFace's clamp of every cosine to [−1 + ε, 1 − ε]: the non-target logits are s·clamp(c)."""
+    return c.clamp(-1 + ADAFACE_EPS, 1 - ADAFACE_EPS)
+
+
+def curricular_negatives(c: torch.Tensor, target_cos: torch.Tensor, t: torch.Tensor, m: float) -> torch.Tensor:
+    """CurricularFace's modulation (methods.md §1.6): every non-target cosine above T_i = cos(θ_iy + m) (no fallback)
+    becomes c·(t + c). `target_cos` is each row's un-margined target cosine; the hard mask and t carry no
+    gradient, so a hard negative's gradient is t + 2c."""
+    with torch.no_grad():
+        hard = c > arcface_target(target_cos, m, "exact", "none").unsqueeze(1)
+    return torch.where(hard, c * (t + c), c)
+
+
 def curricularface_loss(
     cos: torch.Tensor,
     labels: torch.Tensor,
@@ -517,24 +592,16 @@ def curricularface_loss(
     s: float = 64.0,
     m: float = 0.5,
 ) -> torch.Tensor:
-    """CurricularFace CE (methods.md §1.6): ArcFace target with the hard fallback, and every
-    negative above T_i = cos(θ_y + m) (no fallback) modulated to c·(t + c).
-
-    `target_cos` is each row's un-margined target cosine gathered from every shard, so
-    that T_i is known where the target column is not. The hard mask and `t` carry no
-    gradient: a hard negative's gradient is t + 2c.
-    """
-    with torch.no_grad():
-        hard = cos > arcface_target(target_cos, m, "exact", "none").unsqueeze(1)
-    negatives = torch.where(hard, cos * (t + cos), cos)
-    target = arcface_target(gather_target(cos, labels), m, "exact", "hard")
-    return cross_entropy_rows(s * replace_target(negatives, labels, target), labels).mean()
+    """CurricularFace CE (methods.md §1.6): ArcFace target with the hard fallback, hard negatives modulated
+    (`curricular_negatives`). `target_cos` is each row's target cosine gathered from every shard."""
+    spec = ColumnSpec("softmax", s, negatives=lambda c: curricular_negatives(c, target_cos, t, m))
+    return dense_column_loss(cos, labels, arcface_target(target_of(cos, labels), m, "exact", "hard"), spec)
 
 
-def adaptive_prototype_margin(v: torch.Tensor, labels: torch.Tensor, k: float = 0.7) -> torch.Tensor:
-    """EPL target v' = v − k·sg(v): value (1 − k)·v, gradient of v (EPL `head_EPL.py`; §5.3)."""
-    target = gather_target(v, labels)
-    return replace_target(v, labels, target - k * target.detach())
+def adaptive_margin_target(v: torch.Tensor, k: float = 0.7) -> torch.Tensor:
+    """EPL target v' = v − k·sg(v) of the prototype cosine v = <e, Q̂_y>: value (1 − k)·v, gradient of v
+    (EPL `head_EPL.py`; §5.3)."""
+    return v - k * v.detach()
 
 
 PROTOTYPE_GATES = ("softsign", "sigmoid_shifted", "sigmoid")

@@ -142,7 +142,8 @@ class Trainer:
 
         params = [p for p in list(self.model.parameters()) + list(self.head.parameters()) if p.requires_grad]
         self.params = params
-        lazy = [self.head.weight] if self.cfg["sparse_update"] and hasattr(self.head, "weight") else []
+        proxies = self.head.proxy_weight()
+        lazy = [proxies] if self.cfg["sparse_update"] and proxies is not None else []
         self.optimizer = optim.SGD(params, lr=self.cfg["lr"], momentum=self.cfg["momentum"],
                                    weight_decay=self.cfg["weight_decay"], lazy=lazy)
         self.grad_sync = distributed.GradientSync(self.model.parameters(), self.head)
