@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,6 +177,23 @@ def test_model_pretrained_loads_the_backbone_only(cache, tmp_path, finished, cap
         capsys.readouterr().out
     with pytest.raises(UnitsfaceError, match="cannot be loaded into a mobilefacenet backbone"):
         Trainer(tiny_config(cache, tmp_path / "bad", f"model.pretrained={finished}", "model.backbone=mobilefacenet"))
+
+
+def test_a_vit_with_adamw_groups_takes_a_step(cache, tmp_path):
+    """Backbone keywords reach the model; norms and biases decay-free; the head at 10× the lr."""
+    t = Trainer(tiny_config(cache, tmp_path / "vit", "model.backbone=vit_t", "model.mask_ratio=0.25",
+                            "model.drop_path=0.0", "train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.1",
+                            "train.no_decay_norm_bias=true", "train.head_lr_scale=10"))
+    assert t.model.mask_ratio == 0.25 and isinstance(t.optimizer, torch.optim.AdamW)
+    settings = {id(p): (g["lr"], g["weight_decay"]) for g in t.optimizer.param_groups for p in g["params"]}
+    assert settings[id(t.model.blocks[0].norm1.weight)] == settings[id(t.model.blocks[0].attn.proj.bias)] == (0.001, 0)
+    assert settings[id(t.model.blocks[0].attn.qkv.weight)] == settings[id(t.model.pos_embed)] == (0.001, 0.1)
+    assert settings[id(t.head.weight)] == (0.01, 0.1)
+    images, labels = next(iter(t.loader(0, 0)))
+    before = t.model.blocks[0].attn.qkv.weight.detach().clone()
+    assert math.isfinite(t.micro_step(images, labels, torch.Generator().manual_seed(0)))
+    t.optimizer_step()
+    assert t.step == 1 and not torch.equal(before, t.model.blocks[0].attn.qkv.weight)
 
 
 def test_a_resumed_run_keeps_its_own_weights(cache, tmp_path, finished):

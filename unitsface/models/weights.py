@@ -118,7 +118,8 @@ def read_weights(path: str | Path) -> Any:
             if not hasattr(torch._weights_only_unpickler, "_get_allowed_globals"):
                 raise
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_INERT_PICKLE)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as exc:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, TypeError,
+            KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnitsfaceError(f"unreadable weights file {path}: {first}") from None
 
