@@ -36,10 +36,19 @@ def _weights(embedding_size: int, seed: int) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+# What the trainer records of a learned threshold on its held-out set (numbers of a real demo run's shape).
+HELDOUT_POINT = {"threshold": 0.31, "tar": 0.625, "far": 0.0018, "true_accepts": 1750, "false_accepts": 570,
+                 "n_genuine": 2800, "n_impostor": 316800, "convention": "b/s",
+                 "threshold_at_far": {"0.01": 0.25, "0.001": 0.33, "0.0001": 0.41}, "balanced_threshold": 0.22}
+
+
 def make_checkpoint(path: Path, threshold: float | None = 0.31, embedding_size: int = 32, seed: int = 0) -> Path:
-    """A checkpoint in the trainer's layout (the weights are cached: tests make many)."""
+    """A checkpoint in the trainer's layout (the weights are cached: tests make many); a learned threshold
+    comes with its operating point on a held-out set named "heldout"."""
+    points = {} if threshold is None else {"heldout": {**HELDOUT_POINT, "threshold": threshold}}
     meta = {"backbone": "tinyfacenet", "embedding_size": embedding_size, "head": "uss", "num_classes": 10,
-            "threshold": threshold, "input": dict(models.INPUT_CONTRACT)}
+            "threshold": threshold, "threshold_operating_point": points,
+            "threshold_set": "heldout" if points else None, "input": dict(models.INPUT_CONTRACT)}
     atomic_save({"format": "unitsface-checkpoint", "version": 1, "config": {}, "meta": meta,
                  "model": _weights(embedding_size, seed), "head": {}, "epoch": 0, "step": 0}, path)
     return path

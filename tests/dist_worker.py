@@ -112,7 +112,7 @@ def sampling_task(outdir: str, num_classes: int, rate: float) -> None:
     """Partial FC on 2 ranks: the columns each shard keeps for a global batch, for the weight and the
     (full, active) memory of the unitsface head, and the memory rows the step writes."""
     torch.manual_seed(parallel.rank())
-    head = heads.build("unitsface", num_classes, 8, sample_rate=rate, warmup_epochs=0, min_fill=0.0).train()
+    head = heads.build("unitsface", num_classes, 8, sample_rate=rate, s2s_start_epoch=0, min_fill=0.0).train()
     head.memory.normal_()
     head.filled.fill_(True)
     memory = head.memory.clone()

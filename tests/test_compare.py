@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from unitsface.config import load_config
-from unitsface.training.compare import (
-    all_pairs,
-    balanced_accuracy,
-    best_balanced_threshold,
-    compare_heads,
-    results_table,
-)
+from unitsface.evaluation.threshold import balanced_threshold
+from unitsface.training.compare import all_pairs, balanced_accuracy, compare_heads, results_table
 
 
 def test_threshold_metrics_by_hand():
@@ -21,7 +16,7 @@ def test_threshold_metrics_by_hand():
     # t = 0.5 accepts 0.9, 0.8 (TAR 2/3) and the impostor 0.5 (TNR 2/3)
     assert balanced_accuracy(scores, issame, 0.5) == pytest.approx(2 / 3)
     # t = 0.4 accepts all genuine and the 0.5 impostor: ½(1 + 2/3) is the best reachable
-    assert best_balanced_threshold(scores, issame) == pytest.approx(0.4)
+    assert balanced_threshold(scores, issame) == pytest.approx(0.4)
     assert balanced_accuracy(scores, issame, 0.4) == pytest.approx(5 / 6)
 
 
@@ -35,6 +30,7 @@ def test_all_pairs_counts_and_labels():
 def test_compare_two_heads_end_to_end(tmp_path):
     base = load_config("bench_losses", [
         "data.synthetic.identities=12", "data.synthetic.images_per_identity=6", "data.synthetic.val_pairs=40",
+        "data.synthetic.heldout_identities=4", "data.synthetic.heldout_images=3",
         f"data.cache={tmp_path / 'cache'}", "train.batch_size=12", "train.epochs=2", "train.workers=0",
         "model.embedding_size=32",
     ])

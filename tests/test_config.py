@@ -40,8 +40,9 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("train.amp=fp8", "config key 'train.amp' must be one of none, bf16, fp16, got 'fp8'"),
         ("train.schedule=linear", "config key 'train.schedule' must be one of step, poly, cosine"),
         ("head.name=nope", "unknown head.name 'nope'"),
-        ("head.mm=0.3", "head 'cosface' has no parameter 'mm' (did you mean 'head.m'?)"),
-        ("head.m=large", "config key 'head.m' must be a number, got 'large'"),
+        ("head.m_sampl=0.3", "head 'unitsface' has no parameter 'm_sampl' (did you mean 'head.m_sample'?)"),
+        ("head.m_class=large", "config key 'head.m_class' must be a number, got 'large'"),
+        ("head.warmup_epochs=2", "head 'unitsface': parameter 'head.warmup_epochs' is now 'head.s2s_start_epoch'"),
         ("model.backbone=resnet9000", "unknown model.backbone 'resnet9000'"),
         ("train.tensorboard=3", "config key 'train.tensorboard' must be bool, got 3"),
         ("model.sync_batchnorm=1", "config key 'model.sync_batchnorm' must be bool, got 1"),
@@ -78,11 +79,11 @@ def test_invalid_yaml(tmp_path):
 
 def test_switching_head_keeps_only_parameters_the_new_head_accepts():
     base = load_config("demo")
-    assert base["head"] == {"name": "cosface", "s": 32.0, "m": 0.35}
-    config = load_config("demo", ["head.name=unitsface"])
-    assert config["head"] == {"name": "unitsface", "s": 32.0}  # CosFace's m dropped, s kept
-    with pytest.raises(UnitsfaceError, match="head 'unitsface' has no parameter 'm'"):
-        load_config("demo", ["head.name=unitsface", "head.m=0.3"])
+    assert base["head"] == {"name": "unitsface", "s": 32.0, "m_class": 0.35, "m_sample": 0.1}
+    config = load_config("demo", ["head.name=cosface"])
+    assert config["head"] == {"name": "cosface", "s": 32.0}  # UniTSFace's margins dropped, s kept
+    with pytest.raises(UnitsfaceError, match="head 'cosface' has no parameter 'm_class'"):
+        load_config("demo", ["head.name=cosface", "head.m_class=0.3"])
 
 
 def test_the_arcface_torch_vit_recipe_is_a_config(tmp_path):

@@ -66,7 +66,7 @@ def run_config(data: Path, out: Path, max_steps: int, batch: int, checkpoint_eve
                extra: tuple[str, ...] = ()) -> dict:
     return load_config(None, [
         f"data.train={data}", "model.backbone=tinyfacenet", "model.embedding_size=32",
-        "head.name=unitsface", "head.warmup_epochs=0", "head.min_fill=0.0",
+        "head.name=unitsface", "head.s2s_start_epoch=0", "head.min_fill=0.0",
         f"train.batch_size={batch}", "train.grad_accumulation=2", "train.epochs=1",
         f"train.max_steps={max_steps}", "train.lr=0.05", "train.workers=0", "train.device=cpu",
         "train.log_every=1", f"train.checkpoint_every={checkpoint_every}", f"output={out}", *extra,
@@ -323,7 +323,7 @@ def as_rank(monkeypatch: pytest.MonkeyPatch, r: int, world: int) -> None:
 
 def trained_unitsface(steps: int = 2) -> tuple[torch.nn.Module, optim.SGD, dict]:
     torch.manual_seed(0)
-    head = heads.build("unitsface", C, D, warmup_epochs=0, min_fill=0.0).train()
+    head = heads.build("unitsface", C, D, s2s_start_epoch=0, min_fill=0.0).train()
     opt = optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for x, labels, _ in global_batches()[:steps]:
         head(x, labels).backward()
@@ -337,7 +337,7 @@ def trained_unitsface(steps: int = 2) -> tuple[torch.nn.Module, optim.SGD, dict]
 
 def fresh(monkeypatch: pytest.MonkeyPatch, r: int, world: int) -> tuple[torch.nn.Module, optim.SGD]:
     as_rank(monkeypatch, r, world)
-    head = heads.build("unitsface", C, D, warmup_epochs=0, min_fill=0.0)
+    head = heads.build("unitsface", C, D, s2s_start_epoch=0, min_fill=0.0)
     return head, optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from deploy_helpers import att_face, make_checkpoint
+from deploy_helpers import HELDOUT_POINT, att_face, make_checkpoint
 
 from unitsface.cli import main
 from unitsface.errors import UnitsfaceError
@@ -50,11 +50,17 @@ def test_onnx_matches_pytorch_and_carries_its_metadata(exported, checkpoint, rea
     meta = read_metadata(graph)
     assert meta == {"unitsface_format": 1, "backbone": "tinyfacenet", "embedding_size": 32, "input_size": 112,
                     "color": "rgb", "mean": 127.5, "std": 127.5, "flip_sum": False, "threshold": 0.31,
-                    "head": "uss", "source_sha256": file_sha256(checkpoint)}
-    dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
-    assert graph.graph.input[0].name == "data" and dims == [1, 3, 112, 112]  # batch fixed at 1 by default
+                    "threshold_source": "learned b/s", "threshold_far": HELDOUT_POINT["far"],
+                    "threshold_tar": HELDOUT_POINT["tar"], "threshold_pairs": {"genuine": 2800, "impostor": 316800},
+                    "threshold_set": "heldout", "head": "uss", "source_sha256": file_sha256(checkpoint)}
+    shape = graph.graph.input[0].type.tensor_type.shape.dim
+    assert graph.graph.input[0].name == "data" and [d.dim_value for d in shape[1:]] == [3, 112, 112]
+    assert shape[0].dim_param == "batch" and not shape[0].HasField("dim_value")  # a dynamic batch by default
+    (output,) = graph.graph.output  # exactly one output, float32, batch × d
+    assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert output.type.tensor_type.shape.dim[0].dim_param == "batch"
 
-    # Independent check on real faces: a fresh model from the checkpoint vs onnxruntime (looping batch 1).
+    # Independent check on real faces: a fresh model from the checkpoint vs onnxruntime (one batch of 3).
     model, _ = load_backbone(checkpoint)
     x = real_input(real_faces)
     with torch.no_grad():
@@ -64,11 +70,11 @@ def test_onnx_matches_pytorch_and_carries_its_metadata(exported, checkpoint, rea
     assert got.shape == (3, 32) and np.abs(got - expected).max() <= 1e-4
 
 
-def test_flip_sum_inside_a_dynamic_batch_graph(tmp_path, checkpoint, real_faces):
+def test_flip_sum_inside_a_static_batch_graph(tmp_path, checkpoint, real_faces):
     out = tmp_path / "flip.onnx"
-    export_onnx(checkpoint, out, flip_sum=True, dynamic_batch=True, opset=13)
+    export_onnx(checkpoint, out, flip_sum=True, static_batch=1, opset=13)
     graph = load_onnx(out)
-    assert graph.fixed_batch is None and graph.metadata["flip_sum"] is True
+    assert graph.fixed_batch == 1 and graph.metadata["flip_sum"] is True  # run() loops over batches of 1
     model, _ = load_backbone(checkpoint)
     x = real_input(real_faces)
     with torch.no_grad():

@@ -22,11 +22,11 @@ CASES = {
     "uce_m0.4_s64_b=log(10C)": ("uce", {"s": 64.0, "m": 0.4}),
     "uce_m0.4_s64_b=12.5": ("uce", {"s": 64.0, "m": 0.4, "bias_init": 12.5}),
     "bce_perclass_m0.4_s64_b=log(10C)": ("bce", {"s": 64.0, "m": 0.4}),
-    "ss_softmax_m0.1_s64": ("ss_softmax", {"s": 64.0, "m": 0.1}),
-    "uss_m0.1_s64_b=20": ("uss", {"s": 64.0, "m": 0.1, "bias_init": 20.0}),
-    "uss_m0.1_s64_b=init": ("uss", {"s": 64.0, "m": 0.1}),
-    "uss_m0.3_s32_b=9": ("uss", {"s": 32.0, "m": 0.3, "bias_init": 9.0}),
-    "ss_bce_m0.1_s64_b=init": ("ss_bce", {"s": 64.0, "m": 0.1}),
+    "ss_softmax_m0.1_s64": ("ss_softmax", {"s": 64.0, "m_sample": 0.1}),
+    "uss_m0.1_s64_b=20": ("uss", {"s": 64.0, "m_sample": 0.1, "bias_init": 20.0}),
+    "uss_m0.1_s64_b=init": ("uss", {"s": 64.0, "m_sample": 0.1}),
+    "uss_m0.3_s32_b=9": ("uss", {"s": 32.0, "m_sample": 0.3, "bias_init": 9.0}),
+    "ss_bce_m0.1_s64_b=init": ("ss_bce", {"s": 64.0, "m_sample": 0.1}),
 }
 THRESHOLD_HEADS = ("uce", "bce", "uss", "ss_bce")
 
@@ -42,14 +42,16 @@ def t(values) -> torch.Tensor:
 
 
 def loaded_head(name: str, params: dict, seed_data: dict) -> torch.nn.Module:
-    """The head with `weight` / `memory` from the reference inputs, every memory slot filled."""
+    """The head with `weight` / `memory` from the reference inputs, every memory slot filled, past the
+    memory heads' warm-up epoch (the reference cases are the sample-to-sample loss itself)."""
     head = heads.build(name, C, D, **params).train()
     with torch.no_grad():
-        if hasattr(head, "weight"):
-            head.weight.copy_(t(seed_data["W"]))
         if hasattr(head, "memory"):
             head.memory.copy_(t(seed_data["M"]))
             head.filled.fill_(True)
+            head.set_epoch(1)
+        else:
+            head.weight.copy_(t(seed_data["W"]))
     return head
 
 
@@ -64,7 +66,7 @@ def clamp_reached(seed_data: dict, name: str, params: dict, bias: float) -> bool
     """Whether any s(c − m·onehot) − b of the case leaves [−s, s] (computed from the stored cosines)."""
     cos = np.array(seed_data["cos_M" if name in ("uss", "ss_bce") else "cos_W"], dtype=np.float64)
     y = np.array(seed_data["y"])
-    s, m = params["s"], params["m"]
+    s, m = params["s"], params.get("m", params.get("m_sample"))
     u = s * cos - bias
     u[np.arange(len(y)), y] -= s * m
     return bool((np.abs(u) > s).any())
@@ -197,8 +199,11 @@ def fresh(name: str, num_classes: int = 5, dim: int = 4, **params) -> torch.nn.M
     return heads.build(name, num_classes, dim, **params).train()
 
 
+ACTIVE = {"s2s_start_epoch": 0, "min_fill": 0.0}  # the sample-to-sample term from the first call on
+
+
 def test_memory_reads_before_the_call_and_last_writer_wins():
-    head = fresh("uss", bias_init=2.0)
+    head = fresh("uss", bias_init=2.0, **ACTIVE)
     x = torch.randn(4, 4)
     y = torch.tensor([1, 3, 1, 0])
     loss = head(x, y)
@@ -219,7 +224,7 @@ def test_memory_reads_before_the_call_and_last_writer_wins():
 
 
 def test_eval_mode_neither_writes_nor_initialises():
-    head = fresh("uss")
+    head = fresh("uss", **ACTIVE)
     head(torch.randn(3, 4), torch.tensor([0, 1, 2]))  # fills 0..2
     head.eval()
     before = head.memory.clone()
@@ -229,10 +234,10 @@ def test_eval_mode_neither_writes_nor_initialises():
 
 def test_data_driven_bias_is_set_once_at_the_first_evaluation():
     torch.manual_seed(0)
-    head = fresh("uss", num_classes=6)
+    head = fresh("uss", num_classes=6, **ACTIVE)
     x = torch.randn(6, 4)
-    head(x, torch.arange(6))  # epoch 0 fills the memory; no negatives yet, b still 0
-    assert head.bias.item() == 0.0 and not bool(head.bias_initialised)
+    head(x, torch.arange(6))  # the first call fills the memory; no negatives yet, b still 0
+    assert head.bias.item() == 0.0 and not bool(head.bias_initialised) and head.threshold is None
     x2, y2 = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 4])
     expected = LF.unified_bias_init(LF.cosine(x2, head.memory), y2, 64.0)
     head(x2, y2)
@@ -246,7 +251,7 @@ def test_data_driven_bias_is_set_once_at_the_first_evaluation():
 
 def test_ss_bce_shifts_every_class_bias_by_b0():
     torch.manual_seed(1)
-    head = fresh("ss_bce", num_classes=4)
+    head = fresh("ss_bce", num_classes=4, **ACTIVE)
     head(torch.randn(4, 4), torch.arange(4))
     x2, y2 = torch.randn(3, 4), torch.tensor([0, 2, 2])
     b0 = LF.unified_bias_init(LF.cosine(x2, head.memory), y2, 64.0).item()
@@ -254,6 +259,57 @@ def test_ss_bce_shifts_every_class_bias_by_b0():
     torch.testing.assert_close(head.bias.detach(), torch.full((4,), b0))
     torch.testing.assert_close(head.thresholds, torch.full((4,), b0 / 64.0))
     assert head.threshold is None
+
+
+@pytest.mark.parametrize("name", ["uss", "ss_bce", "ss_softmax"])
+def test_standalone_heads_warm_up_on_cosface_then_train_sample_to_sample_alone(name):
+    """methods.md §2.5–2.6: epoch 0 is CosFace (s, m_class) on the class proxies while the memory fills — no
+    loss from an empty memory —, then the sample-to-sample loss alone (the code's combine=False), the bias
+    set once from the full memory."""
+    torch.manual_seed(7)
+    head = fresh(name, num_classes=4, dim=8)
+    cosface = heads.build("cosface", 4, 8).train()
+    cosface.weight.data.copy_(head.weight.data)
+    x, y = torch.randn(8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    assert head(x, y).item() == pytest.approx(cosface(x, y).item(), rel=1e-6)
+    head.set_epoch(1)  # still inside epoch 0's schedule until the epoch says otherwise
+    memory = head.memory.clone()
+    assert head.filled.all() and not bool(getattr(head, "bias_initialised", False))
+    x2, y2 = torch.randn(4, 8), torch.tensor([3, 2, 1, 0])
+    cos = LF.cosine(x2, memory)
+    x2.requires_grad_(True)
+    loss = head(x2, y2)
+    if name == "ss_softmax":
+        expected = LF.sample_softmax_loss(cos, y2, 64.0, 0.1).item()
+    else:
+        b0 = LF.unified_bias_init(cos, y2, 64.0).item()
+        torch.testing.assert_close(head.bias.detach(), torch.full_like(head.bias, b0))
+        expected = naive_threshold_bce(cos, y2.tolist(), b0, 64.0, 0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert head.weight.grad is None  # CosFace is off: the proxies are not part of the loss any more
+
+
+def test_bias_starts_within_one_percent_of_the_full_memory_value():
+    """The probe of issue 10: C = 2000 identities, batches of 64. Started from the first step, the old
+    standalone head set b0 from a memory 3 % full (63.6 against 67.1); with the warm-up b0 comes from
+    the full memory at the start epoch, as the reference's epoch-1 call does."""
+    torch.manual_seed(8)
+    classes, dim, batch = 2000, 32, 64
+    head = fresh("uss", num_classes=classes, dim=dim)
+    centres = torch.randn(classes, dim)
+    order = torch.randperm(classes)
+    for start in range(0, classes, batch):  # epoch 0: every identity seen once
+        y = order[start:start + batch]
+        head(centres[y] + 0.5 * torch.randn(len(y), dim), y)
+        assert not bool(head.bias_initialised)
+    head.set_epoch(1)
+    y = torch.randint(0, classes, (batch,))
+    x = centres[y] + 0.5 * torch.randn(batch, dim)
+    full = LF.unified_bias_init(LF.cosine(x, head.memory), y, 64.0).item()
+    head(x, y)
+    assert head.bias.item() == pytest.approx(full, rel=0.01)
+    assert head.filled.all()
 
 
 def test_state_dict_round_trip_keeps_memory_and_flags():
@@ -341,8 +397,11 @@ def test_uce_bias_init_and_threshold_conventions():
     assert head.bias.shape == (1,) and head.bias.item() == pytest.approx(math.log(10 * 100 * 0.5), rel=1e-6)
     assert head.threshold == pytest.approx(math.log(500) / 32, rel=1e-6)
     assert head.threshold_uce == pytest.approx((math.log(500) - math.log(99)) / 32, rel=1e-6)
+    assert head.learned_thresholds() == {"b/s": head.threshold, "(b - log(C-1))/s": head.threshold_uce}
+    epl = heads.build("uce_epl", 100, 8, s=32.0, sample_rate=0.5)  # the same UCE bias, both conventions
+    assert epl.learned_thresholds() == pytest.approx(head.learned_thresholds())
     bce = heads.build("bce", 100, 8)
-    assert bce.bias.shape == (100,) and bce.threshold is None
+    assert bce.bias.shape == (100,) and bce.threshold is None and bce.learned_thresholds() == {}
     torch.testing.assert_close(bce.thresholds, torch.full((100,), math.log(1000) / 64))
 
 
@@ -364,9 +423,23 @@ def test_uniface_sampling_keeps_positives_and_uses_the_kept_columns(name):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["uce", "uss", "uce_epl"])
+@pytest.mark.parametrize("spelling, clamped", [(True, True), ("reference", True), (False, False), ("none", False)])
+def test_every_clamp_spelling_means_the_same_for_every_threshold_head(name, spelling, clamped):
+    assert heads.build(name, 4, 4, clamp=spelling).clamp is clamped  # uce_epl once read "none" as True
+
+
+def test_renamed_parameters_name_their_new_key():
+    with pytest.raises(UnitsfaceError, match=r"head 'uss': parameter 'm' is now 'm_sample'"):
+        heads.build("uss", 4, 4, m=0.1)
+    with pytest.raises(UnitsfaceError, match=r"head 'unitsface': parameter 'warmup_epochs' is now 's2s_start_epoch'"):
+        heads.build("unitsface", 4, 4, warmup_epochs=1)
+
+
 def test_bad_options_are_clear_errors():
-    with pytest.raises(UnitsfaceError, match="head 'uss': clamp must be"):
-        heads.build("uss", 4, 4, clamp="sometimes")
+    for name in ("uss", "uce", "uce_epl"):
+        with pytest.raises(UnitsfaceError, match=f"head '{name}': clamp must be"):
+            heads.build(name, 4, 4, clamp="sometimes")
     with pytest.raises(UnitsfaceError, match=r"head 'unitsface': weights must be two numbers"):
         heads.build("unitsface", 4, 4, weights=1.0)
     assert heads.build("uce", 4, 4, clamp="reference").clamp is True

@@ -164,7 +164,7 @@ def _sha(path: Path) -> str:
 def small_set(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synthetic") / "set"
     manifest = syn.write_synthetic_dataset(out, identities=5, images_per_identity=3, seed=11, val_identities=4,
-                                           val_pairs=40)
+                                           val_pairs=40, heldout_identities=3, heldout_images=2)
     return out, manifest
 
 
@@ -201,6 +201,24 @@ def test_written_val_bin_has_balanced_disjoint_pairs(small_set):
     assert len(val) == 4 and not train & val
 
 
+def test_written_heldout_identities_are_a_third_disjoint_stream(small_set):
+    """heldout/<id>/<img>.jpg: every image of the held-out render stream, none of whose identities trains
+    or appears in val.bin; 3 identities × 2 images give 2²·3·2/2 = 12 impostor pairs."""
+    out, manifest = small_set
+    folder = out / syn.HELDOUT_FOLDER
+    assert sorted(p.name for p in folder.iterdir()) == ["id0000", "id0001", "id0002"]
+    for i in range(3):
+        files = sorted((folder / f"id{i:04d}").iterdir())
+        assert [f.name for f in files] == ["00.jpg", "01.jpg"]
+        assert [f.read_bytes() for f in files] == syn._render_jpegs((11, syn.HELDOUT_SPLIT, i, (0, 1), 112, 1.0))
+    heldout = {syn.identity_params(11, syn.HELDOUT_SPLIT, i) for i in range(3)}
+    others = {syn.identity_params(11, split, i) for split, n in ((syn.TRAIN_SPLIT, 5), (syn.VAL_SPLIT, 4))
+              for i in range(n)}
+    assert len(heldout) == 3 and not heldout & others
+    assert manifest["heldout"] == {"split": 2, "folder": "heldout", "identities": 3, "images_per_identity": 2,
+                                   "impostor_pairs": 12, "sha256": syn._tree_sha256(folder)}
+
+
 def test_manifest_describes_the_files(small_set):
     out, manifest = small_set
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -214,18 +232,21 @@ def test_manifest_describes_the_files(small_set):
 
 def test_same_seed_same_bytes_other_seed_other_bytes_any_worker_count(tmp_path, small_set):
     _, manifest = small_set
-    kwargs = dict(identities=5, images_per_identity=3, val_identities=4, val_pairs=40)
+    kwargs = dict(identities=5, images_per_identity=3, val_identities=4, val_pairs=40, heldout_identities=3,
+                  heldout_images=2)
     again = syn.write_synthetic_dataset(tmp_path / "again", seed=11, workers=2, **kwargs)
-    assert again["files"] == manifest["files"]
+    assert again["files"] == manifest["files"] and again["heldout"] == manifest["heldout"]
     other = syn.write_synthetic_dataset(tmp_path / "other", seed=12, **kwargs)
     assert all(other["files"][f]["sha256"] != manifest["files"][f]["sha256"] for f in ("train.rec", "val.bin"))
+    assert other["heldout"]["sha256"] != manifest["heldout"]["sha256"]
 
 
 def test_existing_output_and_failures_leave_no_half_written_set(tmp_path, monkeypatch):
     out = tmp_path / "set"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    kwargs = dict(identities=2, images_per_identity=1, seed=0, val_identities=2, val_pairs=20)
+    kwargs = dict(identities=2, images_per_identity=1, seed=0, val_identities=2, val_pairs=20, heldout_identities=2,
+                  heldout_images=2)
     with pytest.raises(UnitsfaceError, match="already exists"):
         syn.write_synthetic_dataset(out, **kwargs)
 
@@ -238,14 +259,16 @@ def test_existing_output_and_failures_leave_no_half_written_set(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"] and (out / "keep.txt").exists()
     monkeypatch.undo()
     syn.write_synthetic_dataset(out, overwrite=True, **kwargs)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "property", "train.idx", "train.rec", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["heldout", "manifest.json", "property", "train.idx", "train.rec",
+                                                     "val.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(val_pairs=30), "multiple of 20"), (dict(identities=0), "identities"), (dict(val_identities=1), "val_"),
     (dict(seed=-1), "seed"), (dict(image_size=8), "image size"), (dict(workers=0), "workers"),
-    (dict(difficulty=-1.0), "difficulty"),
+    (dict(difficulty=-1.0), "difficulty"), (dict(heldout_identities=1), "heldout_identities"),
+    (dict(heldout_images=1), "heldout_images"),
 ])
 def test_bad_arguments_are_rejected_before_writing(tmp_path, bad, match):
     kwargs = dict(identities=3, images_per_identity=2, seed=0, val_pairs=20) | bad

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from unitsface.cli import main
 from unitsface.config import load_config
 from unitsface.data.dataset import normalize_batch
 from unitsface.errors import UnitsfaceError
+from unitsface.evaluation.embed import embed_images
 from unitsface.training.checkpoint import load_checkpoint
 from unitsface.training.trainer import Trainer, flip_batch
 
@@ -23,6 +27,8 @@ TINY = [
     "data.synthetic.identities=16",
     "data.synthetic.images_per_identity=8",
     "data.synthetic.val_pairs=40",
+    "data.synthetic.heldout_identities=5",
+    "data.synthetic.heldout_images=3",
     "model.embedding_size=32",
     "train.batch_size=16",
     "train.epochs=2",
@@ -48,11 +54,13 @@ def losses(out: Path) -> dict[int, float]:
 
 def test_train_writes_outputs_and_checkpoint_loads_weights_only(cache, tmp_path):
     out = tmp_path / "run"
-    results = Trainer(tiny_config(cache, out)).fit()
-    assert {"val"} == set(results)
-    assert 0.0 <= results["val"]["accuracy"] <= 1.0
+    results = Trainer(tiny_config(cache, out, "head.name=cosface")).fit()
+    assert {"val", "heldout"} == set(results)  # the synthetic set's pairs and its held-out identities
+    assert results["heldout"]["n_impostor"] == 9 * 5 * 4 // 2 and results["heldout"]["protocol"] == "all pairs"
     for name in ("last.pt", "metrics.jsonl", "report.md", "roc.png", "config.json"):
         assert (out / name).is_file(), name
+    assert not (out / "threshold.png").exists()  # CosFace learns no threshold
+    assert "threshold_operating_point" not in json.loads((out / "metrics.json").read_text())
     ckpt = torch.load(out / "last.pt", weights_only=True)
     steps_per_epoch = (16 * 8) // 16
     assert ckpt["step"] == 2 * steps_per_epoch and ckpt["epoch"] == 2
@@ -84,6 +92,99 @@ def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
     assert a[9] > a[8]
     memory = load_checkpoint(part / "last.pt")["head"]["memory"]
     assert memory.dtype == (torch.bfloat16 if "head.memory_dtype=bfloat16" in scale_out else torch.float32)
+
+
+def all_pair_rates(embeddings: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """(true accepts, genuine, false accepts, impostor) of every unordered pair, by loops."""
+    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    counts = [0, 0, 0, 0]
+    for i in range(len(e)):
+        for j in range(i + 1, len(e)):
+            same, accept = labels[i] == labels[j], float(e[i] @ e[j]) >= threshold
+            counts[0 if same else 2] += accept
+            counts[1 if same else 3] += 1
+    return tuple(counts)
+
+
+def test_learned_threshold_operating_point_everywhere(cache, tmp_path):
+    """Issue 10: the learned t's TAR/FAR on each held-out set, exact over all pairs, in metrics.json,
+    metrics.jsonl (every validation), the checkpoint, report.md and threshold.png."""
+    out = tmp_path / "uss"
+    trainer = Trainer(tiny_config(cache, out, "head.name=unitsface", "head.s=16.0"))
+    trainer.fit()
+    ckpt = load_checkpoint(out / "last.pt")
+    meta = ckpt["meta"]
+    points = meta["threshold_operating_point"]
+    assert set(points) == {"val", "heldout"} and meta["threshold_set"] == "heldout"  # 90 impostor pairs > 20
+    t = meta["threshold"]
+    assert t == pytest.approx(trainer.head.threshold) and points["heldout"]["threshold"] == t
+
+    heldout = trainer.val_sets[1]
+    emb = embed_images(trainer.model, heldout.images)
+    true_accepts, genuine, false_accepts, impostor = all_pair_rates(emb, heldout.labels, t)
+    point = points["heldout"]
+    assert (point["n_genuine"], point["n_impostor"]) == (genuine, impostor) == (15, 90)
+    assert point["tar"] == pytest.approx(true_accepts / genuine)
+    assert point["far"] == (false_accepts / impostor if false_accepts else f"< 1/{impostor}")
+    assert point["threshold_at_far"] == {"0.01": "not measurable", "0.001": "not measurable",
+                                         "0.0001": "not measurable"}  # 90 pairs cannot read FAR 1e-2
+    assert -1.0 <= point["balanced_threshold"] <= 1.0
+
+    assert json.loads((out / "metrics.json").read_text())["threshold_operating_point"] == points
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if "validation" in r]
+    assert [r["step"] for r in validations] == [8, 16]
+    assert validations[-1]["threshold_operating_point"] == points
+    report = (out / "report.md").read_text()
+    assert report.index("## Learned threshold") < report.index("## Pair sets")
+    assert f"the learned threshold {t:.4f} accepts {100 * point['tar']:.1f} % of genuine pairs" in report
+    assert (out / "threshold.png").stat().st_size > 10_000
+
+
+def test_validation_sets_from_folders_and_records(cache, tmp_path, shared_dir):
+    """data.val takes .bin pair lists, folders of identities and .rec sets; too few identities is an error."""
+    from unitsface.data.tools import import_images, pack
+
+    raw, faces = tmp_path / "raw", tmp_path / "att"
+    for person in ("s1", "s2", "s3"):  # 3 people, 30 images
+        shutil.copytree(shared_dir / "data" / "att_faces" / person, raw / person)
+    import_images(raw, faces, workers=1)
+    pack(faces, tmp_path / "att_rec", workers=1)
+    val_bin = next(cache.glob("synthetic-*")) / "val.bin"
+    out = tmp_path / "run"
+    results = Trainer(tiny_config(cache, out, f"data.val=[{val_bin}, {faces}, {tmp_path / 'att_rec'}]",
+                                  "train.max_steps=2")).fit()
+    assert list(results) == ["val", "att", "att_rec"]
+    assert results["att"]["n_impostor"] == results["att_rec"]["n_impostor"] == 10 * 10 * 3
+    assert results["att"]["auc"] == pytest.approx(results["att_rec"]["auc"], abs=1e-3)  # same faces, re-encoded
+    lonely = tmp_path / "lonely"
+    (lonely / "one").mkdir(parents=True)
+    shutil.copy(next((faces / "s1").iterdir()), lonely / "one" / "a.jpg")
+    with pytest.raises(UnitsfaceError, match="has 1 identity; all-pairs scoring needs at least 2"):
+        Trainer(tiny_config(cache, tmp_path / "bad", f"data.val=[{lonely}]"))
+
+
+def test_accumulation_micro_batches_share_one_column_sample(cache, tmp_path):
+    """methods.md §3.2: UCE's r-sampled columns are drawn once per optimizer step from the positives of all
+    its micro-batches; two micro-batches of 8 then give the gradient of one batch of 16 with those columns."""
+    t = Trainer(tiny_config(cache, tmp_path / "acc", "head.name=uce", "head.sample_rate=0.25",
+                            "train.batch_size=8", "train.grad_accumulation=2"))
+    (_, batches), = itertools.islice(t.step_batches(0, 0), 1)
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        x = t.model.eval()(normalize_batch(images))  # the head's property, free of BatchNorm's batch statistics
+    torch.manual_seed(5)
+    with t.head.step_columns(labels):
+        for chunk, y in zip(x.split(8), labels.split(8)):
+            (t.head(chunk, y) / 2).backward()
+    accumulated = t.head.weight.grad.clone()
+    t.optimizer.zero_grad()
+    torch.manual_seed(5)
+    t.head(x, labels).backward()
+    kept = accumulated.abs().sum(1) > 0
+    assert kept.sum() == max(round(0.25 * 16), len(labels.unique())) and kept[labels].all()
+    torch.testing.assert_close(accumulated, t.head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):
@@ -165,7 +266,7 @@ def test_init_from_takes_backbone_and_head_then_trains_afresh(cache, tmp_path, f
 
     other = Trainer(tiny_config(cache, tmp_path / "other", f"train.init_from={finished}", "head.name=arcface"))
     assert same_state(other.model, ckpt["model"]) and not torch.equal(other.head.weight, ckpt["head"]["weight"])
-    assert "head not loaded (the checkpoint's is cosface over 16 classes, this run's arcface over 16)" in \
+    assert "head not loaded (the checkpoint's is unitsface over 16 classes, this run's arcface over 16)" in \
         capsys.readouterr().out
 
 

@@ -281,9 +281,13 @@ def test_write_report(tmp_path, ref, ref_result):
     out = tmp_path / "run"
     path = write_report(out, {"LFW": ref_result, "small": other}, {"head": "unitsface", "learned threshold": 0.3125})
     text = path.read_text()
-    assert "| accuracy (%) | 97.93 ± 0.74 |" in text
-    assert "| LFW | 6000 | 97.93 ± 0.74 | 0.25 |" in text  # s.e. = population std / 3 for 10 folds
-    assert "TAR@FAR=0.001 (%)" in text and "TAR@FAR=0.0001" not in text
+    overview, details = text.split("## Pair sets")
+    lfw = ref_result["tar_at_far"]
+    assert (f"| LFW | 10-fold pairs | 6000 (3000) | 97.93 ± 0.74 | {100 * lfw[1e-2]:.2f} | {100 * lfw[1e-3]:.2f} | – |"
+            in overview)  # 3,000 impostor pairs cannot read FAR 1e-4
+    assert "| LFW | 6000 | 97.93 ± 0.74 | 0.25 |" in details  # s.e. = population std / 3 for 10 folds
+    assert "TAR@FAR=0.001 (%)" in details and "TAR@FAR=0.0001" not in details
+    assert "Learned threshold" not in text
     assert "optimistic" in text and "| learned threshold | 0.3125 |" in text and "| head | unitsface |" in text
     with Image.open(out / "roc.png") as im:
         assert im.format == "PNG" and im.size[0] > 100

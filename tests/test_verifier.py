@@ -7,15 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from deploy_helpers import att_bin, att_face, make_checkpoint, onnx_sface, random_faces
+from deploy_helpers import HELDOUT_POINT, att_bin, att_face, make_checkpoint, onnx_sface, random_faces
 
 from unitsface import FaceVerifier
 from unitsface.cli import main
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import to_input
+from unitsface.evaluation.threshold import calibrate
 from unitsface.export import export_onnx, load_onnx
 from unitsface.training.checkpoint import load_backbone
-from unitsface.verifier import calibrate, sidecar_path
+from unitsface.verifier import sidecar_path
 
 
 @pytest.fixture()
@@ -28,7 +29,7 @@ def onnx_pair(tmp_path_factory):
     """A checkpoint and its ONNX export with flip-sum inside (shared: exporting takes seconds)."""
     folder = tmp_path_factory.mktemp("onnx")
     ckpt = make_checkpoint(folder / "model.pt")
-    export_onnx(ckpt, folder / "model.onnx", flip_sum=True, dynamic_batch=True)
+    export_onnx(ckpt, folder / "model.onnx", flip_sum=True)
     return ckpt, folder / "model.onnx"
 
 
@@ -60,8 +61,12 @@ def test_threshold_sources_and_decision(checkpoint, tmp_path):
     assert learned.score(a, a) == pytest.approx(1.0, abs=1e-6)
     assert learned.verify(a, a)[0] is True
 
+    assert learned.describe_threshold() == ("threshold 0.3100 (learned b/s); expected FAR 0.0018, TAR 0.625, "
+                                            "measured on heldout (316800 impostor pairs)")
+
     given = FaceVerifier.load(checkpoint, threshold=score + 1e-3)
-    assert given.threshold_source == "given" and given.verify(a, b) == (False, pytest.approx(score))
+    assert given.threshold_source == "given by hand" and given.verify(a, b) == (False, pytest.approx(score))
+    assert given.describe_threshold().endswith("(given by hand); expected FAR and TAR unknown")
 
     bare = FaceVerifier.load(make_checkpoint(tmp_path / "bare.pt", threshold=None))
     assert bare.threshold is None and bare.threshold_source == "none"
@@ -73,23 +78,24 @@ def test_calibrated_far_meets_the_target_at_the_lowest_threshold():
     rng = np.random.default_rng(0)
     scores = np.r_[rng.normal(0.6, 0.1, 2_000), rng.normal(0.0, 0.1, 50_000)]
     issame = np.r_[np.ones(2_000, bool), np.zeros(50_000, bool)]
-    point = calibrate(scores, issame, far=1e-3)
+    point = calibrate(scores, issame, far=1e-3, measured_on="cal")
     impostors, genuine = scores[~issame], scores[issame]
-    assert point.source == "calibrated at FAR=0.001"
+    assert point.source == "calibrated at FAR=0.001" and (point.measured_on, point.impostor_pairs) == ("cal", 50_000)
     assert point.far == np.mean(impostors >= point.threshold) <= 1e-3
-    assert point.frr == np.mean(genuine < point.threshold)
+    assert point.tar == np.mean(genuine >= point.threshold) and point.frr == pytest.approx(1 - point.tar)
     # Lowest such threshold: the next impostor score below it would accept one impostor too many.
     below = impostors[impostors < point.threshold].max()
     assert np.mean(impostors >= below) > 1e-3
     assert 0.25 < point.threshold < 0.40  # the 0.999 quantile of N(0, 0.1) is 0.309
     with pytest.raises(UnitsfaceError, match="target FAR must be in"):
-        calibrate(scores, issame, far=0.0)
+        calibrate(scores, issame, far=0.0, measured_on="cal")
 
 
 def test_onnx_with_flip_inside_matches_the_checkpoint(onnx_pair):
     ckpt, onnx_path = onnx_pair
     from_ckpt, from_onnx = FaceVerifier.load(ckpt), FaceVerifier.load(onnx_path)
     assert from_onnx.flip_outside is False and from_onnx.threshold_source == "learned b/s"
+    assert from_onnx.operating_point == from_ckpt.operating_point  # the export carries where t operates
     faces = random_faces(3, seed=1)
     np.testing.assert_allclose(from_onnx.embed(faces), from_ckpt.embed(faces), atol=1e-5)
 
@@ -144,9 +150,24 @@ def test_verify_prints_one_json_line(checkpoint, shared_dir, capsys):
     expected = FaceVerifier.load(checkpoint).score(a, b)
     assert code == 0 and len(lines) == 1
     assert lines[0] == {"a": str(a), "b": str(b), "score": pytest.approx(expected, abs=1e-6), "threshold": 0.31,
-                        "same": expected >= 0.31, "threshold_source": "learned b/s"}
-    code, lines, _ = run_cli(capsys, "verify", a, b, "--model", checkpoint, "--threshold", "-1")
-    assert lines[0]["same"] is True and lines[0]["threshold_source"] == "given"
+                        "same": expected >= 0.31, "threshold_source": "learned b/s",
+                        "threshold_far": HELDOUT_POINT["far"], "threshold_tar": HELDOUT_POINT["tar"]}
+    code, lines, err = run_cli(capsys, "verify", a, b, "--model", checkpoint, "--threshold", "-1")
+    assert lines[0]["same"] is True and lines[0]["threshold_source"] == "given by hand"
+    assert (lines[0]["threshold_far"], lines[0]["threshold_tar"]) == (None, None)
+    assert "expected FAR and TAR unknown" in err
+
+
+def test_verify_refuses_a_model_without_any_threshold(tmp_path, shared_dir, capsys):
+    a, b = att_face(shared_dir, 1, 1), att_face(shared_dir, 2, 1)
+    assert main(["verify", str(a), str(b), "--model", str(onnx_sface(shared_dir)), "--normalize", "0,1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no unitsface metadata and no calibration: pass --threshold" in err
+    bare = make_checkpoint(tmp_path / "bare.pt", threshold=None)
+    assert main(["verify", str(a), str(b), "--model", str(bare)]) == 2
+    assert "bare.pt has no learned threshold and no calibration" in capsys.readouterr().err
+    code, lines, _ = run_cli(capsys, "verify", a, b, "--model", bare, "--threshold", "0.5")
+    assert code == 0 and lines[0]["threshold_source"] == "given by hand"
 
 
 def test_verify_pairs_file_reports_each_pair_and_bad_ones(checkpoint, shared_dir, tmp_path, capsys):
@@ -155,7 +176,8 @@ def test_verify_pairs_file_reports_each_pair_and_bad_ones(checkpoint, shared_dir
     pairs.write_text(f"# a comment\n{att}/s1/1.pgm {att}/s1/2.pgm\n\n{att}/s1/1.pgm missing.pgm\n")
     code, lines, _ = run_cli(capsys, "verify", "--pairs", pairs, "--model", checkpoint)
     assert code == 1 and len(lines) == 2
-    assert set(lines[0]) == {"a", "b", "score", "threshold", "same", "threshold_source"}
+    assert set(lines[0]) == {"a", "b", "score", "threshold", "same", "threshold_source", "threshold_far",
+                             "threshold_tar"}
     assert lines[1]["b"] == str(tmp_path / "missing.pgm") and "cannot read image" in lines[1]["error"]
 
 

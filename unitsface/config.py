@@ -22,8 +22,11 @@ from unitsface.errors import UnitsfaceError
 DEFAULTS: dict[str, Any] = {
     "data": {
         "train": "synthetic",  # a folder with train.rec/train.idx, or "synthetic"
-        "val": [],  # .bin files; with data.train=synthetic the generated val.bin is added
-        "synthetic": {"identities": 500, "images_per_identity": 20, "seed": 0, "val_pairs": 1000},
+        # .bin pair lists, .rec sets or folders of identities (scored all-pairs); empty with
+        # data.train=synthetic: the set's own val.bin and held-out identities (heldout/)
+        "val": [],
+        "synthetic": {"identities": 500, "images_per_identity": 20, "seed": 0, "val_pairs": 1000,
+                      "heldout_identities": 100, "heldout_images": 8},
         "cache": None,  # where the synthetic set is generated; default ~/.cache/unitsface
         "max_bad_fraction": 0.001,
     },
@@ -58,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "workers": 2,
         "device": "auto",
         "log_every": 10,
+        "val_every": 0,  # validate every N optimizer steps; 0: at the end of every epoch (and always at the end)
         "checkpoint_every": 0,
         "tensorboard": False,
         "wandb": False,  # Weights & Biases (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE from the environment)
@@ -75,6 +79,8 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.synthetic.images_per_identity": (int,),
     "data.synthetic.seed": (int,),
     "data.synthetic.val_pairs": (int,),
+    "data.synthetic.heldout_identities": (int,),
+    "data.synthetic.heldout_images": (int,),
     "data.cache": (str, type(None)),
     "data.max_bad_fraction": (float, int),
     "model.backbone": (str,),
@@ -105,6 +111,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.device": (str,),
     "train.log_every": (int,),
     "train.checkpoint_every": (int,),
+    "train.val_every": (int,),
     "train.tensorboard": (bool,),
     "train.wandb": (bool,),
     "train.clamp_prelu": (float, int, type(None)),
@@ -120,6 +127,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = ("train.batch_size", "train.epochs", "train.grad_accumulation", "train.log_every",
             "model.embedding_size", "data.synthetic.identities", "data.synthetic.images_per_identity",
+            "data.synthetic.heldout_identities", "data.synthetic.heldout_images",
             "train.lr")
 
 
@@ -196,17 +204,9 @@ def backbone_params(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config["model"].items() if k not in DEFAULTS["model"]}
 
 
-def _check_params(section: str, owner: str, given: dict[str, Any], accepted: dict[str, Any],
-                  also_known: tuple[str, ...] = ()) -> None:
-    """Each of `given` must be a keyword in `accepted` (a constructor's, with defaults) of the default's type."""
+def _check_types(section: str, given: dict[str, Any], accepted: dict[str, Any]) -> None:
+    """Each value of `given` must have the type of its keyword's default in `accepted` (a constructor's)."""
     for key, value in given.items():
-        if key not in accepted:
-            hint = difflib.get_close_matches(key, [*accepted, *also_known], n=1)
-            raise UnitsfaceError(
-                f"{owner} has no parameter {key!r}"
-                + (f" (did you mean '{section}.{hint[0]}'?)" if hint
-                   else f"; it accepts: {', '.join(sorted(accepted)) or 'none'}")
-            )
         default = accepted[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -242,12 +242,16 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise UnitsfaceError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         if key in POSITIVE and value <= 0:
             raise UnitsfaceError(f"config key {key!r} must be positive, got {value!r}")
+    for key in ("train.val_every", "train.checkpoint_every"):
+        if flat[key] < 0:
+            raise UnitsfaceError(f"config key {key!r} must be 0 or a number of steps, got {flat[key]}")
     if flat["train.max_steps"] is not None and flat["train.max_steps"] <= 0:
         raise UnitsfaceError(f"config key 'train.max_steps' must be positive, got {flat['train.max_steps']}")
     if not all(isinstance(m, int) and m >= 0 for m in flat["train.milestones"]):
         raise UnitsfaceError(f"train.milestones must be a list of epoch numbers, got {flat['train.milestones']}")
     if not all(isinstance(v, str) for v in flat["data.val"]):
-        raise UnitsfaceError(f"data.val must be a list of .bin paths, got {flat['data.val']}")
+        raise UnitsfaceError(f"data.val must be a list of paths (.bin files, .rec sets, identity folders), "
+                             f"got {flat['data.val']}")
     if flat["train.optimizer"] not in optim.names():
         raise UnitsfaceError(f"unknown train.optimizer {flat['train.optimizer']!r}; known: {', '.join(optim.names())}")
     if flat["train.sparse_update"] and flat["train.optimizer"] != "sgd":
@@ -260,12 +264,20 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     backbone = flat["model.backbone"]
     if backbone not in models.names():
         raise UnitsfaceError(f"unknown model.backbone {backbone!r}; known: {', '.join(models.names())}")
-    _check_params("model", f"backbone {backbone!r}", extra, models.parameters(backbone), tuple(DEFAULTS["model"]))
+    accepted = models.parameters(backbone)
+    for key in extra:
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, [*accepted, *DEFAULTS["model"]], n=1)
+            raise UnitsfaceError(f"backbone {backbone!r} has no parameter {key!r}"
+                                 + (f" (did you mean 'model.{hint[0]}'?)" if hint
+                                    else f"; it accepts: {', '.join(sorted(accepted)) or 'none'}"))
+    _check_types("model", extra, accepted)
     head = dict(config["head"])
     name = head.pop("name", None)
     if not isinstance(name, str) or name not in heads.names():
         raise UnitsfaceError(f"unknown head.name {name!r}; known: {', '.join(heads.names())}")
-    _check_params("head", f"head {name!r}", head, heads.head_parameters(name))
+    heads.check_parameters(name, head, prefix="head.")
+    _check_types("head", head, heads.head_parameters(name))
     return config
 
 

@@ -10,8 +10,13 @@ Which threshold is in use is decided in one place (`resolve_threshold`), in this
    (the same sidecar scheme for checkpoints and ONNX files, so a model file is never rewritten;
    it records the model's sha256 and is refused once the model changes);
 3. the unified threshold b/s the model learned in training (UniTSFace/UniFace heads), found in
-   the checkpoint's meta or the exported ONNX metadata ("learned b/s");
+   the checkpoint's meta or the exported ONNX metadata ("learned b/s"), with its operating point on
+   the run's held-out validation set;
 4. none: `verify` then refuses to decide and says how to get one.
+
+Every threshold in use comes with what is known of it (`OperatingPoint.describe`): the FAR and TAR
+it was measured at and where — on the run's validation set for a learned one, on the calibration
+file for a calibrated one — or "unknown" for a threshold given by hand.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import torch
 from unitsface.data.images import IMAGE_EXTENSIONS, decode, to_face_image
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_batches
-from unitsface.evaluation.verification import far_frr_at, l2_normalize, scores_from_pairs, threshold_at_far
+from unitsface.evaluation.threshold import OperatingPoint, exported_point, learned_point
+from unitsface.evaluation.verification import l2_normalize, scores_from_pairs
 from unitsface.export.common import pixel_stats
 from unitsface.io import atomic_write
 from unitsface.models import INPUT_CONTRACT
@@ -75,34 +81,11 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
     return Path(str(model_path) + SIDECAR_SUFFIX)
 
 
-@dataclass(frozen=True)
-class OperatingPoint:
-    """A threshold, where it came from, and (when measured) its FAR/FRR on a pair set."""
-
-    threshold: float
-    source: str
-    far: float | None = None
-    frr: float | None = None
-
-
-def calibrate(scores: np.ndarray, issame: np.ndarray, far: float) -> OperatingPoint:
-    """The lowest threshold whose FAR on these pairs is ≤ `far` (accept s ≥ t), with its FAR/FRR."""
-    if not 0 < far < 1:
-        raise UnitsfaceError(f"target FAR must be in (0, 1), got {far}")
-    threshold = threshold_at_far(scores, issame, far)
-    return OperatingPoint(threshold, f"calibrated at FAR={far:g}", *far_frr_at(scores, issame, threshold))
-
-
-def measure(point: OperatingPoint, scores: np.ndarray, issame: np.ndarray) -> OperatingPoint:
-    """`point` with its FAR/FRR measured on these pairs."""
-    return OperatingPoint(point.threshold, point.source, *far_frr_at(scores, issame, point.threshold))
-
-
-def write_calibration(model_path: str | os.PathLike, point: OperatingPoint, pairs_file: str, pairs: int) -> Path:
+def write_calibration(model_path: str | os.PathLike, point: OperatingPoint) -> Path:
     """Store a calibrated threshold beside the model (atomically); returns the sidecar path."""
     path = sidecar_path(model_path)
     record = {"format": SIDECAR_FORMAT, "version": 1, "threshold": point.threshold, "source": point.source,
-              "far": point.far, "frr": point.frr, "pairs_file": pairs_file, "pairs": pairs,
+              "far": point.far, "frr": point.frr, "pairs_file": point.measured_on, "pairs": point.impostor_pairs,
               "model_sha256": file_sha256(model_path)}
     atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
     return path
@@ -123,23 +106,21 @@ def read_calibration(model_path: str | os.PathLike) -> OperatingPoint | None:
     if sha != file_sha256(model_path):
         raise UnitsfaceError(f"stale threshold file {path}: it was calibrated for another version of {model_path}; "
                              "re-run `unitsface calibrate` or delete it")
-    return OperatingPoint(threshold, source, record.get("far"), record.get("frr"))
+    frr = record.get("frr")
+    return OperatingPoint(threshold, source, record.get("far"), None if frr is None else 1.0 - frr,
+                          record.get("pairs_file"), record.get("pairs"))
 
 
-def learned_point(learned: float | None) -> OperatingPoint | None:
-    return None if learned is None else OperatingPoint(float(learned), "learned b/s")
-
-
-def resolve_threshold(model_path: str | os.PathLike, learned: float | None, given: float | None = None,
+def resolve_threshold(model_path: str | os.PathLike, learned: OperatingPoint | None, given: float | None = None,
                       calibration: bool = True) -> OperatingPoint | None:
     """The threshold in use: given > calibrated sidecar > learned b/s > none (module docstring).
 
     `calibration=False` ignores the sidecar, for re-calibrating a model whose sidecar is stale.
     """
     if given is not None:
-        return OperatingPoint(float(given), "given")
+        return OperatingPoint(float(given), "given by hand")
     calibrated = read_calibration(model_path) if calibration else None
-    return calibrated if calibrated is not None else learned_point(learned)
+    return calibrated if calibrated is not None else learned
 
 
 class FaceVerifier:
@@ -158,7 +139,8 @@ class FaceVerifier:
         operating_point: OperatingPoint | None = None,
         name: str = "model",
         batch_size: int = 32,
-        learned_threshold: float | None = None,
+        learned: OperatingPoint | None = None,
+        third_party: bool = False,
     ) -> None:
         if contract.get("color") not in ("rgb", "bgr"):
             raise UnitsfaceError(f"{name}: colour order must be 'rgb' or 'bgr', got {contract.get('color')!r}")
@@ -167,7 +149,8 @@ class FaceVerifier:
         self.size = int(contract["size"])
         self.mean, self.std = pixel_stats(contract["mean"], contract["std"])
         self.operating_point = operating_point
-        self.learned_threshold = learned_threshold  # b/s from training, kept for reports
+        self.learned = learned  # b/s from training with its operating point, kept for reports
+        self.third_party = third_party  # an ONNX graph without unitsface metadata
 
     @classmethod
     def load(
@@ -190,16 +173,14 @@ class FaceVerifier:
         path = Path(path)
         if not path.is_file():
             raise UnitsfaceError(f"model not found: {path}")
-        if path.suffix.lower() == ".onnx":
-            forward, contract, flip, learned = _onnx_backend(path)
-        else:
-            forward, contract, flip, learned = _checkpoint_backend(path)
+        backend = _onnx_backend(path) if path.suffix.lower() == ".onnx" else _checkpoint_backend(path)
         overrides = {"size": input_size, "color": color}
         if normalize is not None:
             overrides.update(mean=normalize[0], std=normalize[1])
-        contract.update({k: v for k, v in overrides.items() if v is not None})
-        point = resolve_threshold(path, learned, threshold, calibration)
-        return cls(forward, contract, flip, point, str(path), batch_size, learned)
+        backend.contract.update({k: v for k, v in overrides.items() if v is not None})
+        point = resolve_threshold(path, backend.learned, threshold, calibration)
+        return cls(backend.forward, backend.contract, backend.flip_outside, point, str(path), batch_size,
+                   backend.learned, backend.third_party)
 
     @property
     def threshold(self) -> float | None:
@@ -208,6 +189,10 @@ class FaceVerifier:
     @property
     def threshold_source(self) -> str:
         return "none" if self.operating_point is None else self.operating_point.source
+
+    def describe_threshold(self) -> str:
+        """The threshold in use, its source and what is known of its FAR/TAR, in one line."""
+        return "no threshold" if self.operating_point is None else self.operating_point.describe()
 
     def prepare(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """N×S×S×3 uint8 RGB faces from paths or arrays (one image, a list, or an N×H×W×3 array)."""
@@ -265,30 +250,39 @@ class FaceVerifier:
         return self.decide(score), score
 
 
-def _checkpoint_backend(path: Path) -> tuple[Callable, dict[str, Any], bool, float | None]:
+@dataclass
+class _Backend:
+    """What a model file gives a verifier: its forward, input contract, whether flip-sum is still to be
+    done outside, its learned threshold, and whether it is a graph without unitsface metadata."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    contract: dict[str, Any]
+    flip_outside: bool
+    learned: OperatingPoint | None
+    third_party: bool = False
+
+
+def _checkpoint_backend(path: Path) -> _Backend:
     from unitsface.training.checkpoint import load_backbone
 
     model, meta = load_backbone(path)
-    contract = {**DEFAULT_CONTRACT, **(meta.get("input") or {})}
-    return model, contract, True, meta.get("threshold")
+    return _Backend(model, {**DEFAULT_CONTRACT, **(meta.get("input") or {})}, True, learned_point(meta))
 
 
-def _onnx_backend(path: Path) -> tuple[Callable, dict[str, Any], bool, float | None]:
+def _onnx_backend(path: Path) -> _Backend:
     from unitsface.export.onnx import load_onnx
 
     graph = load_onnx(path)
     meta = graph.metadata
-    if meta is None:  # third-party graph: what its shape says, insightface defaults for the rest
-        contract = {**DEFAULT_CONTRACT, "size": graph.input_size or DEFAULT_CONTRACT["size"]}
-        flip, learned = True, None
-    else:
-        contract = {"size": meta["input_size"], "color": meta["color"], "mean": meta["mean"], "std": meta["std"]}
-        flip, learned = not meta.get("flip_sum", False), meta.get("threshold")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(graph.run(x.numpy()))
 
-    return forward, contract, flip, learned
+    if meta is None:  # third-party graph: what its shape says, insightface defaults for the rest
+        return _Backend(forward, {**DEFAULT_CONTRACT, "size": graph.input_size or DEFAULT_CONTRACT["size"]}, True,
+                        None, third_party=True)
+    contract = {"size": meta["input_size"], "color": meta["color"], "mean": meta["mean"], "std": meta["std"]}
+    return _Backend(forward, contract, not meta.get("flip_sum", False), exported_point(meta))
 
 
 def pair_scores(verifier: FaceVerifier, encoded: Sequence[bytes],

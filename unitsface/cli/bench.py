@@ -116,7 +116,102 @@ def _add_losses(benches: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_losses)
 
 
-BENCHES: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_uniform, _add_losses)
+# --------------------------------------------------------------------------- bench threshold
+
+STUDY_BEGIN, STUDY_END = "<!-- study:begin -->", "<!-- study:end -->"
+QUICK = ["model.embedding_size=32", "train.batch_size=16", "data.synthetic.heldout_identities=6",
+         "data.synthetic.heldout_images=3", "data.synthetic.val_pairs=20"]
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UnitsfaceError(f"--{what} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def study_markdown(records: list[dict[str, Any]], plot_name: str, command: str) -> str:
+    """The generated part of docs/threshold.md: what ran, the table, the fitted k and the plot."""
+    from unitsface.training.threshold_study import fit_summary, study_table
+
+    minutes = sum(r["seconds"] for r in records) / 60
+    return (f"Made by `{command}` ({len(records)} runs, {minutes:.1f} min of training and measuring on this "
+            f"machine). Held-out: all pairs of the synthetic set's `heldout/` identities; calibration: other "
+            f"unseen identities. Mean ± std over seeds; FARs as geometric mean ×/÷ geometric std (a FAR "
+            f"with no false accept counts as 0.5/n).\n\n{study_table(records)}\n\n"
+            f"FAR ≈ k/C, fitted per head:\n\n{fit_summary(records)}\n\n![FAR at the learned threshold against C]"
+            f"({plot_name})\n")
+
+
+def _run_threshold(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unitsface.config import load_config
+    from unitsface.io import atomic_write
+    from unitsface.training.threshold_study import STUDY_HEADS, plot_study, run_study
+
+    if args.quick:
+        identities, budgets, seeds, heads = [8, 16], [4], 1, list(STUDY_HEADS)
+        overrides = [*QUICK, *args.overrides]
+    else:
+        identities, budgets, seeds = (_int_list(args.identities, "identities"), _int_list(args.budgets, "budgets"),
+                                      args.seeds)
+        heads, overrides = args.heads.split(","), list(args.overrides)
+    if seeds < 1:
+        raise UnitsfaceError(f"--seeds must be at least 1, got {seeds}")
+    base = load_config("bench_threshold", overrides)
+    from unitsface import heads as head_registry
+
+    unknown = [h for h in heads if h not in head_registry.names()]
+    if unknown:
+        raise UnitsfaceError(f"unknown head {unknown[0]!r}; known: {', '.join(head_registry.names())}")
+    out = Path(args.out)
+    records = run_study(base, heads, identities, budgets, range(seeds), out)
+    plot = plot_study(records, out / "threshold_study.png")
+    command = "unitsface bench threshold" + (" --quick" if args.quick else "")
+    text = study_markdown(records, plot.name, command)
+    atomic_write(out / "study.md", text)
+    if args.doc:
+        doc = Path(args.doc)
+        old = doc.read_text() if doc.is_file() else f"{STUDY_BEGIN}\n{STUDY_END}\n"
+        if STUDY_BEGIN not in old or STUDY_END not in old:
+            raise UnitsfaceError(f"{doc} has no {STUDY_BEGIN} ... {STUDY_END} section to fill")
+        head, rest = old.split(STUDY_BEGIN, 1)
+        atomic_write(doc.parent / plot.name, plot.read_bytes())
+        atomic_write(doc, f"{head}{STUDY_BEGIN}\n{text}{STUDY_END}{rest.split(STUDY_END, 1)[1]}")
+    print(text)
+    print(f"written: {out / 'study.md'}, {plot}, {out / 'runs.jsonl'}" + (f", {args.doc}" if args.doc else ""))
+    return 0
+
+
+def _add_threshold(benches: argparse._SubParsersAction) -> None:
+    from unitsface.training.threshold_study import STUDY_HEADS
+
+    parser = benches.add_parser(
+        "threshold", help="where a learned unified threshold lands on unseen identities, as C and budget grow",
+        description="Trains unitsface, uss, uce, bce and cosface (calibrated on other identities) on synthetic "
+                    "sets of several identity counts at several step budgets and seeds, and measures each learned "
+                    "threshold's FAR and TAR on held-out identities (docs/threshold.md). Runs already in "
+                    "OUT/runs.jsonl are skipped, so a study can be extended.",
+    )
+    parser.add_argument("--identities", default="100,400,1600",
+                        help="training identity counts C (default 100,400,1600)")
+    parser.add_argument("--budgets", default="150,300",
+                        help="optimizer steps per run, rounded to whole epochs, at least 2 (default 150,300)")
+    parser.add_argument("--seeds", type=int, default=2, help="run seeds 0..N-1 (default 2)")
+    parser.add_argument("--heads", default=",".join(STUDY_HEADS), help="comma-separated heads")
+    parser.add_argument("--quick", action="store_true", help="a tiny study (seconds) that checks the machinery")
+    parser.add_argument("--out", default="runs/bench-threshold", help="output folder (runs, runs.jsonl, study.md)")
+    parser.add_argument("--doc", default=None, metavar="FILE.md",
+                        help=f"also fill the {STUDY_BEGIN} ... {STUDY_END} section of this Markdown file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bench_threshold preset")
+    parser.set_defaults(func=_run_threshold)
+
+
+BENCHES: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_uniform, _add_losses, _add_threshold)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -34,34 +34,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _point(point) -> dict[str, Any] | None:
     return None if point is None else {"threshold": point.threshold, "source": point.source,
-                                       "far": point.far, "frr": point.frr}
+                                       "far": point.far, "frr": point.frr, "tar": point.tar}
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unitsface.data.bins import load_bin
-    from unitsface.verifier import calibrate, learned_point, measure, pair_scores, write_calibration
+    from unitsface.evaluation.threshold import calibrate, measure
+    from unitsface.verifier import pair_scores, write_calibration
 
     # Re-calibrating must work even when the stored calibration is stale, so it is not read then.
     verifier = load_verifier(args, calibration=args.far is None)
+    if args.far is None and verifier.operating_point is None:
+        raise UnitsfaceError(f"{args.model} has no learned threshold and no calibration: pass --far TARGET")
     encoded, issame = load_bin(args.bin)
     with tqdm(total=len(encoded), desc="embed", unit="img", file=sys.stderr, disable=None) as bar:
         scores = pair_scores(verifier, encoded, bar.update)
+    name = Path(args.bin).name
     written = None
     if args.far is not None:
-        in_use = calibrate(scores, issame, args.far)
-        written = write_calibration(args.model, in_use, Path(args.bin).name, len(issame))
-    elif verifier.operating_point is not None:
-        in_use = measure(verifier.operating_point, scores, issame)
+        in_use = calibrate(scores, issame, args.far, name)
+        written = write_calibration(args.model, in_use)
     else:
-        raise UnitsfaceError(f"{args.model} has no learned threshold and no calibration: pass --far TARGET")
-    learned = learned_point(verifier.learned_threshold)
+        in_use = measure(verifier.operating_point, scores, issame, name)
+    learned = verifier.learned
     report = {
         "model": args.model, "bin": args.bin, "pairs": len(issame),
         "genuine": int(issame.sum()), "impostor": int((~issame).sum()),
         "in_use": _point(in_use),
-        "learned": _point(None if learned is None else measure(learned, scores, issame)),
+        "learned": _point(None if learned is None else measure(learned, scores, issame, name)),
         "written": None if written is None else str(written),
     }
     if args.json:
@@ -72,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    from unitsface.evaluation.threshold import format_rate
+
     def line(label: str, p: dict[str, Any]) -> str:
-        return f"{label:<17}{p['threshold']:.6f}  ({p['source']})  FAR {p['far']:.3g}  FRR {p['frr']:.3g}"
+        return f"{label:<17}{p['threshold']:.6f}  ({p['source']})  FAR {format_rate(p['far'])}  FRR {p['frr']:.3g}"
 
     lines = [f"{report['bin']}: {report['pairs']} pairs ({report['genuine']} genuine, {report['impostor']} impostor)",
              line("threshold in use", report["in_use"])]

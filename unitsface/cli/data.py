@@ -24,6 +24,8 @@ def _synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         val_identities=args.val_identities,
         val_pairs=args.val_pairs,
+        heldout_identities=args.heldout_identities,
+        heldout_images=args.heldout_images,
     )
     _print_report(report if isinstance(report, dict) else {"out": args.out})
     return 0
@@ -72,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="make, convert and inspect face data sets")
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    synth = commands.add_parser("synth", help="write a synthetic face data set (train.rec + val.bin)")
+    synth = commands.add_parser("synth", help="write a synthetic face data set (train.rec, val.bin, heldout/)")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--identities", type=int, required=True)
     synth.add_argument("--images-per-identity", type=int, required=True)
@@ -84,6 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--val-pairs", type=int, default=None, help="number of validation pairs (default: the generator's)"
     )
+    synth.add_argument("--heldout-identities", type=int, default=100,
+                       help="identities of the held-out set heldout/<id>/<img>.jpg, scored all-pairs (default 100)")
+    synth.add_argument("--heldout-images", type=int, default=8, help="images per held-out identity (default 8)")
     synth.set_defaults(func=_synth)
 
     pack = commands.add_parser("pack", help="image folder SRC/<identity>/<img> or im2rec .lst -> OUT/train.rec")

@@ -158,23 +158,8 @@ def _pair_results(args: argparse.Namespace, verifier: FaceVerifier) -> dict[str,
     return results
 
 
-def format_all_pairs(results: dict[str, dict], flip: bool = True) -> str:
-    """One row per folder: sizes, AUC, EER, strict TAR@FAR and leave-one-out rank-1, in percent."""
-    from unitsface.evaluation.report import _pct, markdown_table
-
-    targets = sorted({t for r in results.values() for t in r["tar_at_far"]}, reverse=True)
-    head = (["set", "images", "identities", "pairs (genuine)", "AUC (%)", "EER (%)"]
-            + [f"TAR@FAR={t:g} (%)" for t in targets] + ["rank-1 (%)"])
-    rows = [[name, str(r["n_images"]), str(r["n_identities"]), f"{r['n_pairs']} ({r['n_genuine']})",
-             _pct(r["auc"], 3), _pct(r["eer"])] + [_pct(r["tar_at_far"].get(t)) for t in targets]
-            + [_pct(r["rank1"])] for name, r in results.items()]
-    kind = "flip-sum" if flip else "single-pass"
-    return markdown_table(head, rows) + (f"\n\nAll pairs i < j, cosine of {kind} embeddings, accept s >= t; TAR at "
-                                         "the lowest threshold with FAR <= target; rank-1 leaves each image out.")
-
-
 def _run_pairs(args: argparse.Namespace) -> int:
-    from unitsface.evaluation.report import format_table, jsonable, write_report
+    from unitsface.evaluation.report import format_all_pairs, format_table, jsonable, write_report
     from unitsface.evaluation.verification import evaluate_all_pairs
 
     if not (args.bin or args.pairs or args.images_root):

@@ -1,10 +1,12 @@
 """`unitsface export`: a checkpoint's backbone as ONNX and/or TorchScript, checked against PyTorch.
 
-    unitsface export runs/x/checkpoint.pt --onnx model.onnx [--flip-sum] [--opset 17] [--dynamic-batch]
+    unitsface export runs/x/checkpoint.pt --onnx model.onnx [--flip-sum] [--opset 17] [--static-batch N]
     unitsface export runs/x/checkpoint.pt --torchscript model.ts.pt
 
 The graph input `data` is N×3×S×S float in the model's colour order, normalised as in training;
-the output is N×d raw embeddings. Before anything is written the export runs on random pixels,
+the output is N×d raw embeddings (one float32 output, dynamic batch unless `--static-batch N`). The
+graph's metadata carries the learned threshold with its operating point on the run's held-out
+validation set. Before anything is written the export runs on random pixels,
 rendered faces and `--check-images`, and is refused if it differs from PyTorch by more than
 `--tolerance` (max abs difference, printed).
 """
@@ -26,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--torchscript", default=None, metavar="OUT.pt", help="write a TorchScript archive here")
     p.add_argument("--flip-sum", action="store_true", help="put f(x) + f(flip(x)) inside the exported graph")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: dynamic batch size (default: fixed at 1)")
+    p.add_argument("--static-batch", type=int, default=None, metavar="N",
+                   help="ONNX: fix the batch size at N (default: a dynamic batch)")
     p.add_argument("--check-images", default=None, metavar="DIR_OR_LIST",
                    help=f"real face images to check the export on too (first {MAX_CHECK_IMAGES})")
     p.add_argument("--tolerance", type=float, default=None, help="max abs difference allowed (default 1e-4)")
@@ -35,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unitsface.evaluation.threshold import exported_point
     from unitsface.export import TOLERANCE, export_onnx, export_torchscript
     from unitsface.verifier import list_images, load_image
 
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     tolerance = TOLERANCE if args.tolerance is None else args.tolerance
     reports = []
     if args.onnx:
-        reports.append(export_onnx(args.checkpoint, args.onnx, args.flip_sum, args.opset, args.dynamic_batch,
+        reports.append(export_onnx(args.checkpoint, args.onnx, args.flip_sum, args.opset, args.static_batch,
                                    images, tolerance))
     if args.torchscript:
         reports.append(export_torchscript(args.checkpoint, args.torchscript, args.flip_sum, images, tolerance))
@@ -54,4 +58,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             diffs = ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_diff.items())
             print(f"wrote {report.path} ({report.format}); max abs diff vs PyTorch: {diffs}")
+            learned = exported_point(report.metadata)
+            print(f"  {learned.describe()}" if learned else "  no learned threshold: set one with unitsface calibrate")
     return 0

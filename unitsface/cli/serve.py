@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.val_bin:
         print(f"scoring {args.val_bin} for the histogram...", file=sys.stderr)
     app = create_app(verifier, args.val_bin, int(args.max_upload_mb * 2**20))
-    print(f"serving {args.model} on http://{args.host}:{args.port}/ "
-          f"(threshold {verifier.threshold} from {verifier.threshold_source})", file=sys.stderr)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/; {verifier.describe_threshold()}",
+          file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

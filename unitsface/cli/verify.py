@@ -89,11 +89,13 @@ def read_pairs(path: str | Path) -> list[tuple[Path, Path]]:
 
 
 def decision(verifier, a: Path, b: Path) -> dict[str, Any]:
-    """The JSON record of one pair: score, threshold in use, its source and the decision."""
+    """The JSON record of one pair: score, the threshold in use with its source and expected FAR/TAR
+    (null when unknown), and the decision."""
     score = verifier.score(a, b)
-    same = None if verifier.threshold is None else verifier.decide(score)
+    point = verifier.operating_point
     return {"a": str(a), "b": str(b), "score": round(score, 6), "threshold": verifier.threshold,
-            "same": same, "threshold_source": verifier.threshold_source}
+            "same": verifier.decide(score), "threshold_source": verifier.threshold_source,
+            "threshold_far": point.far, "threshold_tar": point.tar}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.pairs) if args.pairs else [(Path(args.images[0]), Path(args.images[1]))]
     verifier = load_verifier(args)
     if verifier.threshold is None:
-        print(f"warning: {args.model} has no learned or calibrated threshold; 'same' is null "
-              "(run `unitsface calibrate` or pass --threshold)", file=sys.stderr)
+        what = "no unitsface metadata" if verifier.third_party else "no learned threshold"
+        raise UnitsfaceError(f"{args.model} has {what} and no calibration: pass --threshold T or run "
+                             "`unitsface calibrate --model ... --bin VAL.bin --far 1e-4`")
+    print(verifier.describe_threshold(), file=sys.stderr)
     failed = 0
     for a, b in pairs:
         try:

@@ -18,15 +18,18 @@ def default_cache() -> Path:
 
 
 def cached_synthetic_dataset(
-    cache: str | Path | None, identities: int, images_per_identity: int, seed: int, val_pairs: int
+    cache: str | Path | None, identities: int, images_per_identity: int, seed: int, val_pairs: int,
+    heldout_identities: int = 100, heldout_images: int = 8,
 ) -> Path:
     """The folder of the synthetic set with these parameters, generating it on first use."""
     from unitsface.data.synthetic import GENERATOR_VERSION, write_synthetic_dataset
 
     root = Path(cache).expanduser() if cache else default_cache()
-    folder = root / f"synthetic-v{GENERATOR_VERSION}-{identities}x{images_per_identity}-s{seed}-p{val_pairs}"
+    folder = root / (f"synthetic-v{GENERATOR_VERSION}-{identities}x{images_per_identity}-s{seed}-p{val_pairs}"
+                     f"-h{heldout_identities}x{heldout_images}")
     if not (folder / "manifest.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         print(f"generating the synthetic face set into {folder} (once)", flush=True)
-        write_synthetic_dataset(folder, identities, images_per_identity, seed, val_pairs=val_pairs)
+        write_synthetic_dataset(folder, identities, images_per_identity, seed, val_pairs=val_pairs,
+                                heldout_identities=heldout_identities, heldout_images=heldout_images)
     return folder

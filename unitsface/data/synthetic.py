@@ -44,9 +44,10 @@ from unitsface.data.images import decode, encode_jpeg
 from unitsface.data.recordio import write_face_dataset
 from unitsface.errors import UnitsfaceError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: a held-out identity set (`heldout/`) beside val.bin; train/val bytes unchanged
 DEFAULT_DIFFICULTY = 1.0
-TRAIN_SPLIT, VAL_SPLIT = 0, 1
+TRAIN_SPLIT, VAL_SPLIT, HELDOUT_SPLIT = 0, 1, 2  # render streams: disjoint identities
+HELDOUT_FOLDER = "heldout"
 _IDENTITY, _NUISANCE, _PAIRS = 0, 1, 2  # purposes in the seed-sequence spawn keys
 
 TEMPLATE = 112.0  # side of the alignment template; all geometry is in its units
@@ -786,6 +787,30 @@ def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[list[bytes]]:
         yield from pool.map(_render_jpegs, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
+def render_identities(seed: int, split: int, identities: int, images: int, size: int = 112,
+                      difficulty: float = DEFAULT_DIFFICULTY) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N×size×size×3 faces of identities 0..identities−1 of a render stream, `images` each, and their
+    labels — the same pixels as the decoded JPEGs minus the compression (used in memory by benchmarks)."""
+    faces, labels = [], []
+    for i in range(identities):
+        idp = identity_params(seed, split, i)
+        for j in range(images):
+            faces.append(render_face(idp, nuisance_params(seed, split, i, j, difficulty), size))
+            labels.append(i)
+    return np.stack(faces), np.asarray(labels)
+
+
+def _write_identity_folder(out: Path, seed: int, split: int, identities: int, images: int, size: int,
+                           difficulty: float, workers: int) -> None:
+    """`out/<id NNNN>/<NN>.jpg`: every image of identities 0..identities−1 of a render stream."""
+    jobs = [(seed, split, i, tuple(range(images)), size, difficulty) for i in range(identities)]
+    for i, jpegs in enumerate(_run_jobs(jobs, workers)):
+        folder = out / f"id{i:04d}"
+        folder.mkdir(parents=True)
+        for j, jpeg in enumerate(jpegs):
+            (folder / f"{j:02d}.jpg").write_bytes(jpeg)
+
+
 def pair_plan(seed: int, identities: int, pairs: int) -> np.ndarray:
     """(pairs, 3) int array of (identity a, identity b, same) in LFW fold order.
 
@@ -822,20 +847,36 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _tree_sha256(root: Path) -> str:
+    """One digest of a folder: every file's relative path and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(_sha256(path)))
+    return digest.hexdigest()
+
+
 def write_synthetic_dataset(out_dir: str | os.PathLike, identities: int, images_per_identity: int, seed: int,
                             image_size: int = 112, val_identities: int | None = None, val_pairs: int | None = None,
+                            heldout_identities: int = 100, heldout_images: int = 8,
                             difficulty: float = DEFAULT_DIFFICULTY, workers: int = 1,
                             overwrite: bool = False) -> dict:
-    """Write `train.rec`/`train.idx`/`property`, `val.bin` and `manifest.json`; return the manifest.
+    """Write `train.rec`/`train.idx`/`property`, `val.bin`, the held-out identity set `heldout/` and
+    `manifest.json`; return the manifest.
 
-    Validation identities come from their own seed stream (VAL_SPLIT), so they are disjoint
-    from the training identities. Everything is written to a temp folder beside `out_dir`
-    and renamed at the end: an interrupted run leaves no half-written data set.
+    Validation identities (`val.bin`, VAL_SPLIT) and held-out identities (`heldout/<id>/<img>.jpg`,
+    HELDOUT_SPLIT) come from their own seed streams, so they are disjoint from the training identities
+    and from each other. `heldout/` is scored all-pairs: 100 identities × 8 images give 316,800
+    impostor pairs, enough to read FAR 1e-4, where val.bin's pairs stop near 1e-3. Everything is
+    written to a temp folder beside `out_dir` and renamed at the end: an interrupted run leaves no
+    half-written data set.
     """
     val_identities = max(20, identities // 4) if val_identities is None else val_identities
     pairs = 600 if val_pairs is None else val_pairs
     _check_arguments(seed, {"identities": (identities, 1), "images_per_identity": (images_per_identity, 1),
-                            "val_identities": (val_identities, 2), "val_pairs": (pairs, 20)}, image_size, workers)
+                            "val_identities": (val_identities, 2), "val_pairs": (pairs, 20),
+                            "heldout_identities": (heldout_identities, 2), "heldout_images": (heldout_images, 2)},
+                     image_size, workers)
     sample_nuisance(np.random.default_rng(0), difficulty)  # validates difficulty before any work
     out = Path(out_dir)
     if out.exists() and not (overwrite and out.is_dir()) and (not out.is_dir() or any(out.iterdir())):
@@ -860,6 +901,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, identities: int, images_
             for slot, jpeg in zip(job[3], jpegs):
                 images[slot] = jpeg
         save_bin(tmp / "val.bin", images, plan[:, 2].astype(bool))
+        _write_identity_folder(tmp / HELDOUT_FOLDER, seed, HELDOUT_SPLIT, heldout_identities, heldout_images,
+                               image_size, difficulty, workers)
 
         manifest = {
             "generator": "unitsface.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
@@ -868,7 +911,12 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, identities: int, images_
                       "images": identities * images_per_identity},
             "val": {"split": VAL_SPLIT, "identities": val_identities, "identities_used": int(used.size),
                     "pairs": pairs, "genuine": int(plan[:, 2].sum()), "folds": 10},
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())},
+            "heldout": {"split": HELDOUT_SPLIT, "folder": HELDOUT_FOLDER, "identities": heldout_identities,
+                        "images_per_identity": heldout_images,
+                        "impostor_pairs": heldout_images ** 2 * heldout_identities * (heldout_identities - 1) // 2,
+                        "sha256": _tree_sha256(tmp / HELDOUT_FOLDER)},
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+                      if p.is_file()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():

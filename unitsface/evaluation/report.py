@@ -48,6 +48,68 @@ def format_details(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_all_pairs(results: dict[str, dict], flip: bool = True) -> str:
+    """One row per folder: sizes, AUC, EER, strict TAR@FAR and leave-one-out rank-1, in percent."""
+    targets = sorted({t for r in results.values() for t in r["tar_at_far"]}, reverse=True)
+    head = (["set", "images", "identities", "pairs (genuine)", "AUC (%)", "EER (%)"]
+            + [f"TAR@FAR={t:g} (%)" for t in targets] + ["rank-1 (%)"])
+    rows = [[name, str(r["n_images"]), str(r["n_identities"]), f"{r['n_pairs']} ({r['n_genuine']})",
+             _pct(r["auc"], 3), _pct(r["eer"])] + [_pct(r["tar_at_far"].get(t)) for t in targets]
+            + [_pct(r["rank1"])] for name, r in results.items()]
+    kind = "flip-sum" if flip else "single-pass"
+    return markdown_table(head, rows) + (f"\n\nAll pairs i < j, cosine of {kind} embeddings, accept s >= t; TAR at "
+                                         "the lowest threshold with FAR <= target; rank-1 leaves each image out.")
+
+
+def is_pair_result(result: Mapping[str, Any]) -> bool:
+    """Whether a result comes from the k-fold pair protocol (else from all pairs of an identity set)."""
+    return "accuracy" in result
+
+
+def summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The few numbers of a validation result worth a line in metrics.jsonl."""
+    keys = ("accuracy", "accuracy_std", "auc", "tar_at_far") if is_pair_result(result) else \
+        ("auc", "eer", "tar_at_far", "rank1")
+    return {k: result[k] for k in keys}
+
+
+def format_overview(results: Mapping[str, dict]) -> str:
+    """What a run reaches, one row per set: 10-fold accuracy for pair lists, then exact TAR@FAR, AUC and
+    EER over all pairs of every set."""
+    targets = (1e-2, 1e-3, 1e-4)
+    head = ["set", "protocol", "pairs (impostor)", "10-fold accuracy (%)"] + \
+        [f"TAR@FAR={t:g} (%)" for t in targets] + ["AUC (%)", "EER (%)"]
+    rows = []
+    for name, r in results.items():
+        accuracy = f"{_pct(r['accuracy'])} ± {_pct(r['accuracy_std'])}" if is_pair_result(r) else "–"
+        rows.append([name, "10-fold pairs" if is_pair_result(r) else "all pairs", f"{r['n_pairs']} ({r['n_impostor']})",
+                     accuracy] + [_pct(r["tar_at_far"].get(t)) for t in targets] + [_pct(r["auc"], 3), _pct(r["eer"])])
+    return markdown_table(head, rows) + ("\n\nTAR@FAR: exact over all pairs, at the lowest threshold with FAR <= "
+                                         "target; – where the set has too few impostor pairs for the target.")
+
+
+def format_operating_points(points: Mapping[str, dict]) -> str:
+    """The learned threshold's operating point on each set: a sentence each, then a table."""
+    from unitsface.evaluation.threshold import describe, format_rate
+
+    far_keys = list(next(iter(points.values()))["threshold_at_far"])
+    lines = [f"- {describe(point, name)}." for name, point in points.items()]
+    head = ["set", "convention", "threshold", "TAR (%)", "FAR", "genuine / impostor pairs"] + \
+        [f"t at FAR={float(k):g}" for k in far_keys] + ["balanced t"]
+    rows = []
+    for name, point in points.items():
+        conventions = {point["convention"]: point, **point.get("other_conventions", {})}
+        for convention, rates in conventions.items():
+            rows.append([name, convention, f"{rates['threshold']:.4f}", _pct(rates["tar"]), format_rate(rates["far"]),
+                         f"{rates['n_genuine']} / {rates['n_impostor']}"]
+                        + [v if isinstance(v, str) else f"{v:.4f}" for v in point["threshold_at_far"].values()]
+                        + [f"{point['balanced_threshold']:.4f}"])
+    return "\n".join(lines) + "\n\n" + markdown_table(head, rows) + (
+        "\n\nAccept when cosine >= threshold. \"t at FAR\" is the lowest threshold whose FAR on the set stays "
+        "below the target (not measurable with fewer than 10/FAR impostor pairs); \"balanced t\" maximises "
+        "(TAR + TNR)/2 on the set. Where the learned threshold sits between them tells where it operates.")
+
+
 def format_ijb_table(results: Mapping[str, dict], reading: str = "tar_at_far") -> str:
     """IJB 1:1 table as insightface prints it: one row per run, TAR (%) at each FAR, AUC (%), and the
     test mode; `reading` picks "tar_at_far" (closest point), "tar_at_far_strict" or "tar_at_far_interp"."""
@@ -111,38 +173,100 @@ def plot_roc(curves: Curves, path: Union[str, Path], title: str = "ROC") -> Path
     return path
 
 
+def plot_threshold(history: Mapping[str, Any], scores: np.ndarray, issame: np.ndarray, threshold: float,
+                   set_name: str, path: Union[str, Path]) -> Path:
+    """Two panels, saved atomically as a PNG: (left) the learned threshold over training steps beside the
+    held-out thresholds at FAR 1e-2/1e-3/1e-4 and the balanced one, read at every validation of `set_name`;
+    (right) the final genuine and impostor score histograms of that set with the learned threshold drawn.
+
+    `history`: {"steps": [...], "threshold": [...], "validations": [(step, operating point), ...]}.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    left.plot(history["steps"], history["threshold"], color="black", lw=1.5, label="learned t = b/s")
+    validations = history["validations"]
+    steps = [step for step, _ in validations]
+    if validations:
+        for key in validations[-1][1]["threshold_at_far"]:
+            values = [p["threshold_at_far"].get(key) for _, p in validations]
+            if all(isinstance(v, float) for v in values):
+                left.plot(steps, values, marker="o", ms=3, lw=1, label=f"{set_name}: t at FAR {float(key):g}")
+        left.plot(steps, [p["balanced_threshold"] for _, p in validations], marker="s", ms=3, lw=1, ls="--",
+                  label=f"{set_name}: balanced t")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("cosine threshold")
+    left.set_title("learned threshold vs held-out operating thresholds")
+    left.grid(True, ls=":", lw=0.5)
+    left.legend(fontsize="small")
+    s, y = np.asarray(scores), np.asarray(issame, dtype=bool)
+    bins = np.linspace(min(s.min(), threshold) - 0.02, max(s.max(), threshold) + 0.02, 80)
+    right.hist(s[~y], bins=bins, density=True, alpha=0.55, color="tab:red", label=f"impostor ({(~y).sum()})")
+    right.hist(s[y], bins=bins, density=True, alpha=0.55, color="tab:green", label=f"genuine ({y.sum()})")
+    right.axvline(threshold, color="black", lw=1.5, label=f"learned t = {threshold:.3f}")
+    right.set_yscale("log")
+    right.set_xlabel("cosine score")
+    right.set_ylabel("density (log)")
+    right.set_title(f"final scores on {set_name}")
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return path
+
+
+ARRAY_KEYS = ("roc", "pair_scores")  # per-pair arrays of a result: for plots and operating points, not JSON
+
+
 def jsonable(obj: Any) -> Any:
-    """Results as plain JSON types (float keys become strings, numpy scalars Python numbers); ROC arrays
-    are dropped because they belong in the plot, not in the metrics file."""
+    """Results as plain JSON types (float keys become strings, numpy scalars Python numbers); ROC curves
+    and pair scores are dropped because they belong in the plots, not in the metrics file."""
     if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items() if k != "roc"}
+        return {str(k): jsonable(v) for k, v in obj.items() if k not in ARRAY_KEYS}
     if isinstance(obj, (list, tuple, np.ndarray)):
         return [jsonable(v) for v in obj]
     return obj.item() if isinstance(obj, np.generic) else obj
 
 
 def write_report(
-    out_dir: Union[str, Path], results: Mapping[str, dict], extra: Optional[Mapping[str, Any]] = None
+    out_dir: Union[str, Path], results: Mapping[str, dict], extra: Optional[Mapping[str, Any]] = None,
+    operating_points: Optional[Mapping[str, dict]] = None,
 ) -> Path:
-    """Write report.md, roc.png and metrics.json for `evaluate_pairs` results (set name -> result).
+    """Write report.md, roc.png and metrics.json for validation results (set name -> result of
+    `evaluate_pairs` or `evaluate_all_pairs`).
 
-    `extra` holds run facts to print with the numbers (backbone, head, learned threshold, ...).
-    Returns the report.md path.
+    The report leads with what the model reaches (accuracy, TAR@FAR), then, for a learned threshold, its
+    `operating_points` on each set (also under "threshold_operating_point" in metrics.json), then the
+    details. `extra` holds run facts to print with the numbers (backbone, head, ...). Returns report.md.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    protocols = sorted({r["protocol"] for r in results.values()})
-    parts = ["# Verification report", "", format_table(results), "", "## Details", "", format_details(results), "",
-             f"Protocol: {'; '.join(protocols)}. Accuracy is the mean over folds, ± the population std "
-             "(insightface); s.e. = sample std / sqrt(folds). TAR@FAR, AUC and EER are exact over all pairs "
-             "(cosine, accept s >= t). The best-threshold accuracy is tuned on the scored pairs: optimistic, "
-             "not comparable with 10-fold numbers.", ""]
+    pairs = {n: r for n, r in results.items() if is_pair_result(r)}
+    identity_sets = {n: r for n, r in results.items() if not is_pair_result(r)}
+    parts = ["# Verification report", "", format_overview(results), ""]
+    if operating_points:
+        parts += ["## Learned threshold", "", format_operating_points(operating_points), ""]
+    if pairs:
+        protocols = sorted({r["protocol"] for r in pairs.values()})
+        parts += ["## Pair sets", "", format_details(pairs), "",
+                  f"Protocol: {'; '.join(protocols)}. Accuracy is the mean over folds, ± the population std "
+                  "(insightface); s.e. = sample std / sqrt(folds). TAR@FAR, AUC and EER are exact over all pairs "
+                  "(cosine, accept s >= t). The best-threshold accuracy is tuned on the scored pairs: optimistic, "
+                  "not comparable with 10-fold numbers.", ""]
+    if identity_sets:
+        parts += ["## Identity sets (all pairs)", "", format_all_pairs(identity_sets), ""]
     if extra:
         parts += ["## Run", "", "| key | value |", "|---|---|"]
         parts += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in extra.items()]
         parts.append("")
     plot_roc({n: (r["roc"]["fpr"], r["roc"]["tpr"]) for n, r in results.items()}, out / "roc.png")
-    payload = json.dumps({"results": jsonable(results), "extra": jsonable(dict(extra or {}))}, indent=1)
-    atomic_write(out / "metrics.json", payload + "\n")
+    payload = {"results": jsonable(results), "extra": jsonable(dict(extra or {}))}
+    if operating_points:
+        payload["threshold_operating_point"] = jsonable(dict(operating_points))
+    atomic_write(out / "metrics.json", json.dumps(payload, indent=1) + "\n")
     atomic_write(out / "report.md", "\n".join(parts))
     return out / "report.md"

@@ -61,7 +61,8 @@ def check_pairs(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray) -> tuple
     return e1, e2, _as_labels(issame, len(e1))
 
 
-def _check_scores(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_scores(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 finite scores and boolean labels of a pair set that holds both classes."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1 or s.size == 0:
         raise UnitsfaceError(f"scores must be a non-empty 1-D array, got shape {s.shape}")
@@ -98,7 +99,7 @@ def roc_counts(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.n
     Sorts the scores only (no argsort) and places the genuine scores by binary search, which keeps
     15.7M IJB-C pairs at about a second.
     """
-    s, y = _check_scores(scores, issame)
+    s, y = check_scores(scores, issame)
     s_sorted = np.sort(s)
     last = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])  # last index of each distinct score
     u = s_sorted[last]
@@ -182,7 +183,7 @@ def threshold_at_far(scores: np.ndarray, issame: np.ndarray, far: float) -> floa
 
 def far_frr_at(scores: np.ndarray, issame: np.ndarray, threshold: float) -> tuple[float, float]:
     """(FAR, FRR) of the rule "accept when s >= threshold"."""
-    s, y = _check_scores(scores, issame)
+    s, y = check_scores(scores, issame)
     accept = s >= threshold
     return float(accept[~y].mean()), float((~accept[y]).mean())
 
@@ -305,7 +306,7 @@ def best_single_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float
 
     Optimistic by construction (evaluation.md §4): tuned on the pairs it is scored on.
     """
-    s, y = _check_scores(scores, issame)
+    s, y = check_scores(scores, issame)
     u, correct = _cut_correct(s, y)
     k = int(np.argmax(correct[:-1]))
     return float(u[k]), float(correct[k] / len(s))
@@ -369,6 +370,7 @@ def evaluate_pairs(
         "val_at_far_1e-3": _val_summary(vals_arr[:, 0]),
         "val_far_interp": _val_summary(vals_arr[:, 1]),
         "roc": {"fpr": fpr, "tpr": tpr},
+        "pair_scores": {"scores": scores, "issame": y},
     }
 
 
@@ -464,4 +466,5 @@ def evaluate_all_pairs(emb: np.ndarray, labels: np.ndarray, far_targets=PAIR_FAR
         "eer": eer(fpr, tpr),
         "rank1": correct / searches if searches else None,
         "roc": {"fpr": fpr, "tpr": tpr},
+        "pair_scores": {"scores": s, "issame": g},
     }

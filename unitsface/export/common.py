@@ -19,6 +19,7 @@ from torch import nn
 
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import to_input
+from unitsface.evaluation.threshold import learned_point
 from unitsface.training.checkpoint import file_sha256, load_backbone
 
 FORMAT_VERSION = 1
@@ -63,6 +64,23 @@ class ExportReport:
                 "tolerance": self.tolerance, "metadata": self.metadata}
 
 
+def threshold_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The learned threshold and where it operates, as an export records them: `threshold` (b/s or None),
+    `threshold_source`, and from the run's `threshold_set` (its validation set with the most impostor
+    pairs) `threshold_far` (a number, or "< 1/n" without a false accept), `threshold_tar`,
+    `threshold_pairs` ({"genuine", "impostor"}) and `threshold_set`; None where unknown."""
+    point = learned_point(meta)
+    if point is None:
+        return {"threshold": None, "threshold_source": None, "threshold_far": None, "threshold_tar": None,
+                "threshold_pairs": None, "threshold_set": None}
+    measured = (meta.get("threshold_operating_point") or {}).get(point.measured_on or "", {})
+    return {"threshold": point.threshold, "threshold_source": point.source, "threshold_far": point.far,
+            "threshold_tar": point.tar,
+            "threshold_pairs": ({"genuine": measured["n_genuine"], "impostor": measured["n_impostor"]}
+                                if measured else None),
+            "threshold_set": point.measured_on}
+
+
 def load_exportable(checkpoint: str | Path, flip_sum: bool = False) -> Exportable:
     """The checkpoint's backbone (optionally wrapped in FlipSum) and its deployment metadata.
 
@@ -75,7 +93,6 @@ def load_exportable(checkpoint: str | Path, flip_sum: bool = False) -> Exportabl
     missing = [key for key in ("size", "color", "mean", "std") if key not in contract]
     if missing:
         raise UnitsfaceError(f"{checkpoint}: meta.input lacks {', '.join(missing)}; cannot record the input contract")
-    threshold = meta.get("threshold")
     metadata = {
         "unitsface_format": FORMAT_VERSION,
         "backbone": meta["backbone"],
@@ -85,7 +102,7 @@ def load_exportable(checkpoint: str | Path, flip_sum: bool = False) -> Exportabl
         "mean": contract["mean"],
         "std": contract["std"],
         "flip_sum": bool(flip_sum),
-        "threshold": None if threshold is None else float(threshold),
+        **threshold_metadata(meta),
         "head": meta.get("head"),
         "source_sha256": file_sha256(checkpoint),
     }

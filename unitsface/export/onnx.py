@@ -115,20 +115,24 @@ def export_onnx(
     out: str | Path,
     flip_sum: bool = False,
     opset: int = 17,
-    dynamic_batch: bool = False,
+    static_batch: int | None = None,
     check_images: Sequence[np.ndarray] = (),
     tolerance: float = TOLERANCE,
 ) -> ExportReport:
     """Export the checkpoint's backbone to `out`, check it against PyTorch, then write it atomically.
 
-    Without `dynamic_batch` the batch dimension is fixed at 1 (what most runtimes and the MFR
-    server expect); `OnnxModel.run` loops over such graphs.
+    The batch dimension is dynamic (what insightface exports and the MFR submission checker require,
+    and what embedding a gallery needs); `static_batch=N` fixes it at N for runtimes that want a
+    fixed shape, and `OnnxModel.run` then loops over chunks of N. One output, float32.
     """
     if opset not in OPSETS:
         raise UnitsfaceError(f"ONNX opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset}")
+    if static_batch is not None and static_batch < 1:
+        raise UnitsfaceError(f"--static-batch must be a batch size >= 1, got {static_batch}")
     exportable = load_exportable(checkpoint, flip_sum)
     size = exportable.input_size
-    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    dynamic = static_batch is None
+    example = torch.zeros(2 if dynamic else static_batch, 3, size, size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated upstream but needs no extra package (onnxscript).
@@ -137,7 +141,7 @@ def export_onnx(
             torch.onnx.export(
                 exportable.module, (example,), buffer, dynamo=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None,
             )
         except Exception as exc:  # the exporter raises many types; the first line says what failed
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from unitsface.heads.base import HEADS, ClassifierHead, Head, build, head_parameters
+from unitsface.heads.base import HEADS, ClassifierHead, Head, build, check_parameters, head_parameters
 
 # Modules that register heads. A module added here is imported once, on package import.
 _HEAD_MODULES = (
@@ -26,4 +26,4 @@ def names() -> list[str]:
     return HEADS.names()
 
 
-__all__ = ["HEADS", "ClassifierHead", "Head", "build", "head_parameters", "names"]
+__all__ = ["HEADS", "ClassifierHead", "Head", "build", "check_parameters", "head_parameters", "names"]

@@ -13,8 +13,11 @@ Subclasses implement `compute_loss(x, labels)`, where `x` (B_g×d, raw embedding
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +44,25 @@ def head_parameters(name: str) -> dict[str, Any]:
     }
 
 
+def check_parameters(name: str, params: dict[str, Any], prefix: str = "") -> None:
+    """A one-line UnitsfaceError for the first parameter head `name` does not accept: the new name of a
+    renamed one (a head's `renamed` map), else the closest accepted name or the list of them."""
+    accepted = head_parameters(name)
+    renamed: dict[str, str] = getattr(HEADS.get(name), "renamed", {})
+    for key in params:
+        if key in accepted:
+            continue
+        if key in renamed:
+            raise UnitsfaceError(f"head {name!r}: parameter '{prefix}{key}' is now '{prefix}{renamed[key]}'")
+        hint = difflib.get_close_matches(key, list(accepted), n=1)
+        raise UnitsfaceError(f"head {name!r} has no parameter {key!r}"
+                             + (f" (did you mean '{prefix}{hint[0]}'?)" if hint
+                                else f"; it accepts: {', '.join(sorted(accepted))}"))
+
+
 def build(name: str, num_classes: int, embedding_size: int, **params: Any) -> nn.Module:
     """Build the registered head `name`; unknown parameters are a clear error."""
-    accepted = head_parameters(name)
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise UnitsfaceError(
-            f"head {name!r} has no parameter {unknown[0]!r}; it accepts: {', '.join(sorted(accepted))}"
-        )
+    check_parameters(name, params)
     if num_classes < 2:
         raise UnitsfaceError(f"num_classes must be at least 2, got {num_classes}")
     if embedding_size < 1:
@@ -90,6 +104,7 @@ class Head(nn.Module):
         self.shard = ClassShard.for_rank(self.num_classes)
         self.sample_rate = float(sample_rate)
         self.epoch = 0
+        self._step_sample: tuple[torch.Tensor | None] | None = None  # set inside `step_columns`
 
     def set_epoch(self, epoch: int) -> None:
         """Heads with schedules (UniTSFace warm-up, EPL start epoch) read `self.epoch`."""
@@ -99,6 +114,11 @@ class Head(nn.Module):
     def threshold(self) -> float | None:
         """The learned unified threshold b/s in cosine units, for heads that learn one."""
         return None
+
+    def learned_thresholds(self) -> dict[str, float]:
+        """Every convention of the learned unified threshold, the primary (`threshold`) first; empty for
+        heads without one (methods.md §2.7, §3.1)."""
+        return {} if self.threshold is None else {"b/s": float(self.threshold)}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -115,6 +135,23 @@ class Head(nn.Module):
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextmanager
+    def step_columns(self, labels: torch.Tensor) -> Iterator[None]:
+        """Draw one Partial FC column sample for a whole optimizer step, from the labels of all its
+        micro-batches (this rank's; gathered here), and let every forward call inside read it.
+
+        UniFace's code draws r-sampled columns once per optimizer step (all positives of the 512
+        samples kept, methods.md §3.2), shared by the 4 accumulation micro-batches; drawing per
+        forward call would give each micro-batch other negatives. Outside this context each forward
+        call draws its own sample. `labels` must be on the head's device.
+        """
+        local = self.shard.local_labels(gather_batch(labels.long()))
+        self._step_sample = (self.sampled_columns(local),)
+        try:
+            yield
+        finally:
+            self._step_sample = None
 
     def sampled_columns(self, local_labels: torch.Tensor) -> torch.Tensor | None:
         """Sorted indices of this step's kept columns, or None when every column is kept."""
@@ -135,7 +172,7 @@ class Head(nn.Module):
         that `weight`, `memory`, `prototypes` and per-class `bias` see the same columns.
         """
         local = self.shard.local_labels(labels)
-        columns = self.sampled_columns(local)
+        columns = self.sampled_columns(local) if self._step_sample is None else self._step_sample[0]
         if columns is None:
             return ColumnSample(local, None)
         remapped = torch.searchsorted(columns, local.clamp(min=0))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from unitsface.heads.base import ClassifierHead, register, write_rows
+from unitsface.heads.uniface import BiasThresholds, clamp_mode, uce_thresholds
 from unitsface.losses import functional as LF
 
 
@@ -117,24 +118,23 @@ class ArcFaceEPLHead(PrototypeHead):
 
 
 @register("uce_epl")
-class UCEEPLHead(PrototypeHead):
+class UCEEPLHead(BiasThresholds, PrototypeHead):
     """`Uniface_EPL`: UCE with one learnable scalar `bias` shared by both blocks, b0 = log(10·C·r)."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, k: float = 0.7,
                  start_epoch: int = 3, alpha: str = "softsign", bank_init: str = "reference",
                  update: str = "before_loss", stack_weight: str = "half", bias_init: float | None = None,
-                 neg_weight: float = 1.0, clamp: bool = True, weight_init: str = "normal",
+                 neg_weight: float = 1.0, clamp: bool | str = True, weight_init: str = "normal",
                  sample_rate: float = 1.0) -> None:
         super().__init__(num_classes, embedding_size, s, m, k, start_epoch, alpha, bank_init, update,
                          stack_weight, weight_init, sample_rate)
         if bias_init is None:
             bias_init = math.log(10.0 * num_classes * sample_rate)  # UniFace code; r-aware (§3.2)
         self.bias = nn.Parameter(torch.tensor([float(bias_init)]))
-        self.neg_weight, self.clamp = float(neg_weight), bool(clamp)
+        self.neg_weight, self.clamp = float(neg_weight), clamp_mode(clamp)
 
-    @property
-    def threshold(self) -> float:
-        return float(self.bias.detach()) / self.s
+    def learned_thresholds(self) -> dict[str, float]:
+        return uce_thresholds(float(self.bias.detach()), self.s, self.num_classes)
 
     def classifier_loss(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         return LF.threshold_bce_loss(cos, local, self.bias, self.s, self.m, self.neg_weight, self.clamp)

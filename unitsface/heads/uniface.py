@@ -43,6 +43,12 @@ class BiasThresholds:
         return self.bias.detach() / self.s
 
 
+def uce_thresholds(bias: float, s: float, num_classes: int) -> dict[str, float]:
+    """Both UCE conventions (methods.md §3.1, §8 #8): t_raw = b/s, the UniTSFace one and the primary, and
+    t_uce = (b − log(C − 1))/s from UniFace's b̃ = s·t + log(N − 1); the paper does not say which it reports."""
+    return {"b/s": bias / s, "(b - log(C-1))/s": (bias - math.log(num_classes - 1)) / s}
+
+
 class ThresholdBCEHead(BiasThresholds, ClassifierHead):
     """Class proxies + a learned threshold bias, sampled columns included (methods.md §3.1–3.3).
 
@@ -81,7 +87,10 @@ class UCEHead(ThresholdBCEHead):
     @property
     def threshold_uce(self) -> float:
         """t_uce = (b − log(C − 1))/s, from UniFace's b̃ = s·t + log(N − 1) (methods.md §3.1, §8 #8)."""
-        return (float(self.bias.detach()) - math.log(self.num_classes - 1)) / self.s
+        return self.learned_thresholds()["(b - log(C-1))/s"]
+
+    def learned_thresholds(self) -> dict[str, float]:
+        return uce_thresholds(float(self.bias.detach()), self.s, self.num_classes)
 
 
 @register("bce")

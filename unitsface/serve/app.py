@@ -29,8 +29,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from unitsface.data.images import decode, encode_png, image_size, to_face_image
 from unitsface.errors import UnitsfaceError
+from unitsface.evaluation.threshold import measure
 from unitsface.serve.histogram import histogram_svg
-from unitsface.verifier import FaceVerifier, measure, pair_scores
+from unitsface.verifier import FaceVerifier, pair_scores
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding
@@ -99,7 +100,7 @@ def _validation(verifier: FaceVerifier, val_bin: Path, samples: Samples) -> dict
     summary: dict[str, Any] = {"file": val_bin.name, "pairs": len(issame), "genuine": int(issame.sum()),
                                "impostor": int((~issame).sum()), "far": None, "frr": None}
     if verifier.operating_point is not None:
-        point = measure(verifier.operating_point, scores, issame)
+        point = measure(verifier.operating_point, scores, issame, val_bin.name)
         summary.update(far=point.far, frr=point.frr)
     return {"summary": summary, "svg": histogram_svg(scores, issame, verifier.threshold)}
 
@@ -146,8 +147,12 @@ def create_app(verifier: FaceVerifier, val_bin: str | Path | None = None,
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
+        point = verifier.operating_point
         return {"model": Path(verifier.name).name, "threshold": verifier.threshold,
-                "threshold_source": verifier.threshold_source, "input": verifier.contract,
+                "threshold_source": verifier.threshold_source,
+                "threshold_far": None if point is None else point.far,
+                "threshold_tar": None if point is None else point.tar,
+                "threshold_description": verifier.describe_threshold(), "input": verifier.contract,
                 "max_upload_bytes": max_upload_bytes, "samples": samples.listing(),
                 "validation": validation["summary"] if validation else None}
 

@@ -22,44 +22,25 @@ from typing import Any
 
 import numpy as np
 
+from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
 from unitsface.evaluation.embed import embed_images
-from unitsface.evaluation.verification import l2_normalize, roc_curve, tar_at_far
+from unitsface.evaluation.report import is_pair_result
+from unitsface.evaluation.threshold import balanced_threshold
+from unitsface.evaluation.verification import evaluate_all_pairs, roc_curve, tar_at_far
 from unitsface.training.trainer import Trainer
 
 DEFAULT_HEADS = ("cosface", "arcface", "uce", "unitsface", "cosface_epl", "cosface_unpg")
-BENCH_SPLIT = 2  # synthetic render stream for the held-out identities (0 = train, 1 = val.bin)
-
-
-def synthetic_identities(seed: int, identities: int, images: int, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 N×size×size×3 faces of `identities` held-out synthetic identities, and their labels."""
-    from unitsface.data.synthetic import identity_params, nuisance_params, render_face
-
-    faces, labels = [], []
-    for i in range(identities):
-        idp = identity_params(seed, BENCH_SPLIT, i)
-        for j in range(images):
-            faces.append(render_face(idp, nuisance_params(seed, BENCH_SPLIT, i, j), size))
-            labels.append(i)
-    return np.stack(faces), np.asarray(labels)
 
 
 def all_pairs(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cosine scores and same-identity flags of every unordered pair of rows."""
-    e = l2_normalize(emb.astype(np.float64))
-    i, j = np.triu_indices(len(e), k=1)
-    return np.einsum("ij,ij->i", e[i], e[j]), labels[i] == labels[j]
+    pairs = evaluate_all_pairs(emb, labels)["pair_scores"]
+    return pairs["scores"], pairs["issame"]
 
 
 def balanced_accuracy(scores: np.ndarray, issame: np.ndarray, threshold: float) -> float:
     accept = scores >= threshold
     return float(0.5 * (accept[issame].mean() + (~accept[~issame]).mean()))
-
-
-def best_balanced_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
-    """The cosine threshold maximising ½(TAR + TNR), exactly (one candidate per distinct score)."""
-    fpr, tpr, thresholds = roc_curve(scores, issame)
-    k = int(np.argmax(tpr - fpr))
-    return float(thresholds[k]) if np.isfinite(thresholds[k]) else float(np.max(scores)) + 1e-9
 
 
 def measure_run(trainer: Trainer, val_results: dict[str, Any], faces: np.ndarray,
@@ -72,14 +53,15 @@ def measure_run(trainer: Trainer, val_results: dict[str, Any], faces: np.ndarray
     s_test, y_test = all_pairs(emb[test], labels[test])
     fpr, tpr, _ = roc_curve(s_test, y_test)
     learned = getattr(trainer.head, "threshold", None)
-    fixed = float(learned) if learned is not None else best_balanced_threshold(s_cal, y_cal)
+    fixed = float(learned) if learned is not None else balanced_threshold(s_cal, y_cal)
     return {
-        "val": {n: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"]} for n, r in val_results.items()},
+        "val": {n: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"]} for n, r in val_results.items()
+                if is_pair_result(r)},
         "tar_at_far": tar_at_far(fpr, tpr, (1e-3, 1e-4)),
         "fixed_threshold": fixed,
         "threshold_source": "learned b/s" if learned is not None else "best on calibration identities",
         "fixed_threshold_accuracy": balanced_accuracy(s_test, y_test, fixed),
-        "optimal_threshold": best_balanced_threshold(s_test, y_test),
+        "optimal_threshold": balanced_threshold(s_test, y_test),
         "roc": (fpr, tpr),
     }
 
@@ -90,7 +72,7 @@ def compare_heads(base: dict[str, Any], heads: list[str], seeds: list[int], out:
     from unitsface.config import validate
 
     seed = base["data"]["synthetic"]["seed"] if base["data"]["train"] == "synthetic" else 0
-    faces, labels = synthetic_identities(seed, test_identities, test_images)
+    faces, labels = render_identities(seed, HELDOUT_SPLIT, test_identities, test_images)
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in heads:
         for s in seeds:

@@ -2,7 +2,7 @@
 
 Only rank 0 writes. One JSON object per logged optimiser step (and one per validation)
 is appended to `output/metrics.jsonl`, so a resumed run continues the same file. TensorBoard
-and W&B get the same scalars, named `train/<key>` and `val/<set>/<metric>`.
+and W&B get the same scalars, named `train/<key>` and `val/<set>/<metric>` (`.../tar_at_far/<far>`).
 
 W&B (`train.wandb`) is imported only when switched on. The run is named after the output
 folder and its id is kept in `output/wandb_run_id`, so a resumed run continues the same W&B
@@ -21,6 +21,8 @@ from typing import Any
 from tqdm import tqdm
 
 from unitsface.errors import UnitsfaceError
+from unitsface.evaluation.report import jsonable, summary
+from unitsface.evaluation.threshold import format_rate
 from unitsface.io import atomic_write
 
 
@@ -73,16 +75,34 @@ class RunLogger:
                              **{k: f"{v:.4f}" for k, v in extra.items()})
         self._scalars({f"train/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step)
 
-    def validation(self, step: int, epoch: int, results: dict[str, Any]) -> None:
+    def validation(self, step: int, epoch: int, results: dict[str, Any],
+                   operating_points: dict[str, dict[str, Any]]) -> None:
+        """One metrics.jsonl record per validation: each set's summary and, for a learned threshold, its
+        operating point on each set; one line on the console."""
         if not self.enabled or not results:
             return
-        summary = {name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "auc": r["auc"]}
-                   for name, r in results.items()}
-        self._write({"step": step, "epoch": epoch, "validation": summary})
-        self.bar.write(" | ".join(f"{n}: {v['accuracy'] * 100:.2f}±{v['accuracy_std'] * 100:.2f}"
-                                  for n, v in summary.items()) + f"  (step {step})")
-        self._scalars({f"val/{name}/{metric}": value for name, values in summary.items()
-                       for metric, value in values.items()}, step)
+        summaries = {name: summary(r) for name, r in results.items()}
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "validation": summaries}
+        if operating_points:
+            record["threshold_operating_point"] = operating_points
+        self._write(jsonable(record))
+        parts = []
+        for name, r in summaries.items():
+            text = f"{name}: " + (f"{r['accuracy'] * 100:.2f}±{r['accuracy_std'] * 100:.2f}" if "accuracy" in r
+                                  else f"AUC {r['auc'] * 100:.2f}")
+            if name in operating_points:
+                point = operating_points[name]
+                text += f", t={point['threshold']:.3f} at TAR {point['tar']:.3f} FAR {format_rate(point['far'])}"
+            parts.append(text)
+        self.bar.write(" | ".join(parts) + f"  (step {step})")
+        scalars: dict[str, float] = {}
+        for name, values in summaries.items():
+            for metric, value in values.items():
+                if isinstance(value, dict):  # TAR at each FAR; None where the set has too few impostors
+                    scalars.update({f"val/{name}/{metric}/{far:g}": v for far, v in value.items() if v is not None})
+                elif value is not None:
+                    scalars[f"val/{name}/{metric}"] = value
+        self._scalars(scalars, step)
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -99,3 +119,27 @@ class RunLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order (a resumed run appends to the same file)."""
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def threshold_history(path: Path, set_name: str) -> dict[str, Any]:
+    """The learned threshold over the logged steps and its operating point on `set_name` at every validation,
+    from a run's metrics.jsonl (what `plot_threshold` draws). A resumed run may log a step twice; the last
+    record of a step wins."""
+    steps: dict[int, float] = {}
+    validations: dict[int, dict[str, Any]] = {}
+    for record in read_metrics(path):
+        if "threshold" in record:
+            steps[record["step"]] = record["threshold"]
+        point = record.get("threshold_operating_point", {}).get(set_name)
+        if point is not None:
+            validations[record["step"]] = point
+    return {"steps": sorted(steps), "threshold": [steps[k] for k in sorted(steps)],
+            "validations": sorted(validations.items())}

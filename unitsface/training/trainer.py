@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,14 @@ from unitsface import __version__, heads, models, optim, parallel
 from unitsface.config import backbone_params
 from unitsface.data.dataset import RecordDataset, make_loader, normalize_batch
 from unitsface.errors import UnitsfaceError
+from unitsface.evaluation.embed import embed_images
+from unitsface.evaluation.sets import load_validation_sets
+from unitsface.evaluation.threshold import operating_point, primary_set
 from unitsface.training import distributed
 from unitsface.training.checkpoint import FORMAT, VERSION, load_checkpoint
 from unitsface.training.schedule import lr_factor
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images, int64 labels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,14 +51,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_data(config: dict[str, Any]) -> tuple[Path, list[Path]]:
-    """The training folder and the validation .bin files (the synthetic set is made once, cached)."""
+    """The training folder and the validation sets: data.val, or for the synthetic set (made once,
+    cached) its own val.bin and held-out identities when data.val is not given."""
     data = config["data"]
-    val = [Path(p) for p in data["val"]]
+    val = [Path(p).expanduser() for p in data["val"]]
     if data["train"] == "synthetic":
         from unitsface.data.cache import cached_synthetic_dataset
+        from unitsface.data.synthetic import HELDOUT_FOLDER
 
         folder = cached_synthetic_dataset(cache=data["cache"], **data["synthetic"])
-        val = val + [folder / "val.bin"]
+        val = val or [folder / "val.bin", folder / HELDOUT_FOLDER]
     else:
         folder = Path(data["train"]).expanduser()
         if not folder.is_dir():
@@ -61,8 +69,8 @@ def resolve_data(config: dict[str, Any]) -> tuple[Path, list[Path]]:
             if not (folder / name).is_file():
                 raise UnitsfaceError(f"data.train folder {folder} has no {name}")
     for path in val:
-        if not path.is_file():
-            raise UnitsfaceError(f"data.val file not found: {path}")
+        if not path.exists():
+            raise UnitsfaceError(f"data.val set not found: {path}")
     return folder, val
 
 
@@ -147,7 +155,9 @@ class Trainer:
         self.scaler = distributed.grad_scaler(self.cfg["amp"] == "fp16")
         self.step = 0
         self.skipped_steps = 0
-        self._val_cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+        # Read once, up front (a bad set fails in the first second); only rank 0 validates.
+        self.val_sets = load_validation_sets(self.val_paths) if self.main else []
+        self.operating_points: dict[str, dict[str, Any]] = {}  # of the learned threshold, last validation
         resume = distributed.auto_resume(self.out, resume)  # after a torchrun restart: output/last.pt
         if resume is not None:
             self.load_state(distributed.load_checkpoint(resume, self.head, self.optimizer))
@@ -161,13 +171,17 @@ class Trainer:
         return self.step // self.steps_per_epoch
 
     def meta(self) -> dict[str, Any]:
-        threshold = getattr(self.head, "threshold", None)
+        """What a deployment needs: the backbone, its input contract, and the learned threshold with its
+        operating point on the validation sets (`threshold_set`: the set a deployment quotes)."""
+        threshold = self.head.threshold
         return {
             "backbone": self.config["model"]["backbone"],
             "embedding_size": self.config["model"]["embedding_size"],
             "head": self.head_name,
             "num_classes": self.num_classes,
             "threshold": None if threshold is None else float(threshold),
+            "threshold_operating_point": self.operating_points,
+            "threshold_set": primary_set(self.operating_points),
             "input": models.input_contract(self.model),
             "unitsface_version": __version__,
         }
@@ -209,6 +223,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.operating_points = dict(meta.get("threshold_operating_point") or {})
         restore_rng(ckpt["rng"])
 
     def load_initial_weights(self) -> None:
@@ -286,8 +301,32 @@ class Trainer:
             models.clamp_prelu_(self.model, self.cfg["clamp_prelu"])
         self.step += 1
 
+    def step_batches(self, epoch: int, first_micro: int) -> Iterator[tuple[int, list[Batch]]]:
+        """(index of the first micro-batch, the `grad_accumulation` micro-batches) of each optimizer step left in
+        the epoch; an incomplete last group is dropped, as the step count assumes."""
+        accum, micro, group = self.cfg["grad_accumulation"], first_micro, []
+        for batch in self.loader(epoch, first_micro):
+            group.append(batch)
+            if len(group) == accum:
+                yield micro, group
+                micro, group = micro + accum, []
+
+    def train_step(self, epoch: int, micro: int, batches: list[Batch]) -> float:
+        """One optimizer step over its micro-batches; they share one Partial FC column sample, drawn from the
+        labels of all of them (methods.md §3.2). Returns the mean micro-batch loss."""
+        step_labels = torch.cat([labels for _, labels in batches]).to(self.device)
+        losses = []
+        with self.head.step_columns(step_labels):
+            for k, (images, labels) in enumerate(batches):
+                seed = (self.cfg["seed"] * 1_000_003 + epoch) * 1_000_003 + micro + k
+                losses.append(self.micro_step(images, labels, torch.Generator().manual_seed(seed),
+                                              sync=k == len(batches) - 1))
+        self.optimizer_step()
+        return sum(losses) / len(losses)
+
     def fit(self) -> dict[str, Any]:
-        """Train to `train.epochs` (or `train.max_steps`), validating after every epoch and at the end."""
+        """Train to `train.epochs` (or `train.max_steps`), validating every `train.val_every` steps (0: after every
+        epoch) and at the end, with a checkpoint at every validation and epoch end."""
         from unitsface.training.logging import RunLogger
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -304,31 +343,26 @@ class Trainer:
             while self.step < self.total_steps:
                 epoch = self.epoch
                 self.head.set_epoch(epoch)
-                first_micro = (self.step - epoch * self.steps_per_epoch) * accum
-                micro = first_micro
-                losses: list[float] = []
                 tick = time.perf_counter()
-                for images, labels in self.loader(epoch, first_micro):
-                    seed = (self.cfg["seed"] * 1_000_003 + epoch) * 1_000_003 + micro
-                    losses.append(self.micro_step(images, labels, torch.Generator().manual_seed(seed),
-                                                  sync=(micro + 1) % accum == 0))
-                    micro += 1
-                    if micro % accum:
-                        continue
-                    self.optimizer_step()
+                for micro, batches in self.step_batches(epoch, (self.step - epoch * self.steps_per_epoch) * accum):
+                    loss = self.train_step(epoch, micro, batches)
                     now = time.perf_counter()
-                    log.step(self.step, epoch, sum(losses) / len(losses), self.scheduler.get_last_lr()[0],
-                             len(losses) * self.cfg["batch_size"] * parallel.world_size() / max(now - tick, 1e-9),
+                    log.step(self.step, epoch, loss, self.scheduler.get_last_lr()[0],
+                             accum * self.cfg["batch_size"] * parallel.world_size() / max(now - tick, 1e-9),
                              self.head_stats(), every=self.cfg["log_every"])
-                    losses, tick = [], now
-                    if self.cfg["checkpoint_every"] and self.step % self.cfg["checkpoint_every"] == 0:
+                    epoch_end, done = self.step % self.steps_per_epoch == 0, self.step >= self.total_steps
+                    every = self.cfg["val_every"]
+                    validating = done or (self.step % every == 0 if every else epoch_end)
+                    if validating:
+                        results = self.validate()  # before the checkpoint, which then carries the operating points
+                    if validating or epoch_end or (self.cfg["checkpoint_every"]
+                                                   and self.step % self.cfg["checkpoint_every"] == 0):
                         self.save()
-                    if self.step >= self.total_steps or micro >= self.steps_per_epoch * accum:
+                    if validating:
+                        log.validation(self.step, epoch, results, self.operating_points)
+                    tick = time.perf_counter()
+                    if epoch_end or done:
                         break
-                if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
-                    self.save()
-                    results = self.validate()
-                    log.validation(self.step, self.epoch, results)
         finally:
             log.close()
         if self.main:
@@ -336,11 +370,10 @@ class Trainer:
         return results
 
     def head_stats(self) -> dict[str, float]:
-        """Scalars worth logging each step: the learned threshold t = b/s and bias b where present."""
+        """Scalars worth logging each step: the learned threshold t = b/s where present."""
         stats: dict[str, float] = {}
-        threshold = getattr(self.head, "threshold", None)
-        if threshold is not None:
-            stats["threshold"] = float(threshold)
+        if self.head.threshold is not None:
+            stats["threshold"] = float(self.head.threshold)
         if self.skipped_steps:
             stats["skipped_steps"] = float(self.skipped_steps)
         return stats
@@ -348,55 +381,53 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def validate(self) -> dict[str, Any]:
-        """10-fold verification on every data.val set (rank 0; flip-sum embeddings)."""
-        from unitsface.evaluation.verification import evaluate_pairs
-
-        results: dict[str, Any] = {}
+        """Every validation set on rank 0 (flip-sum embeddings): its protocol's results and, for a head that
+        learns a threshold, that threshold's operating point on the set (`self.operating_points`)."""
         if not self.main:
-            return results
-        for path in self.val_paths:
-            emb1, emb2, issame = self.embed_bin(path)
-            results[path.stem] = evaluate_pairs(emb1, emb2, issame)
-        self.model.train()
+            return {}
+        thresholds = self.head.learned_thresholds()
+        results, points = {}, {}
+        for val_set in self.val_sets:
+            emb = embed_images(self.model, val_set.images, batch_size=128, device=self.device)
+            results[val_set.name] = result = val_set.evaluate(emb)
+            if thresholds:
+                pairs = result["pair_scores"]
+                points[val_set.name] = operating_point(pairs["scores"], pairs["issame"], thresholds)
+        self.operating_points = points
         return results
 
-    def embed_bin(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from unitsface.evaluation.embed import embed_images
-
-        if path not in self._val_cache:
-            self._val_cache[path] = load_bin_images(path)
-        images, issame = self._val_cache[path]
-        emb = embed_images(self.model, images, batch_size=128, device=self.device)
-        return emb[0::2], emb[1::2], issame
-
     def write_report(self, results: dict[str, Any]) -> None:
-        from unitsface.evaluation.report import write_report
+        """report.md, roc.png, metrics.json, and threshold.png for a head with a learned threshold."""
+        from unitsface.evaluation.report import plot_threshold, write_report
+        from unitsface.training.logging import threshold_history
 
-        threshold = getattr(self.head, "threshold", None)
         extra = {
             "backbone": self.config["model"]["backbone"],
             "head": self.head_name,
             "classes": self.num_classes,
             "steps": self.step,
-            "learned threshold (b/s)": "—" if threshold is None else f"{float(threshold):.4f}",
+            "learned threshold": "—" if self.head.threshold is None else
+            ", ".join(f"{k} = {v:.4f}" for k, v in self.head.learned_thresholds().items()),
             "checkpoint": str(self.out / "last.pt"),
         }
-        write_report(self.out, results, extra)
+        write_report(self.out, results, extra, self.operating_points)
+        name = primary_set(self.operating_points)
+        if name is not None and name in results:
+            pairs = results[name]["pair_scores"]
+            plot_threshold(threshold_history(self.out / "metrics.jsonl", name), pairs["scores"], pairs["issame"],
+                           float(self.head.threshold), name, self.out / "threshold.png")
 
 
-def load_bin_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image of an insightface .bin into one uint8 N×112×112×3 array."""
-    from unitsface.data.bins import load_bin
-    from unitsface.data.images import decode, to_face_image
-
-    encoded, issame = load_bin(path)
-    images = np.stack([to_face_image(decode(b), 112) for b in encoded])
-    return images, issame
+def train_run(config: dict[str, Any], resume: str | Path | None = None) -> tuple[Trainer, dict[str, Any]]:
+    """Build a Trainer from a validated config and run it; returns it (its operating points, head, model)
+    and the final validation results."""
+    try:
+        trainer = Trainer(config, resume=resume)
+        return trainer, trainer.fit()
+    finally:
+        distributed.teardown()
 
 
 def train(config: dict[str, Any], resume: str | Path | None = None) -> dict[str, Any]:
     """Build a Trainer from a validated config and run it; returns the final validation results."""
-    try:
-        return Trainer(config, resume=resume).fit()
-    finally:
-        distributed.teardown()
+    return train_run(config, resume)[1]
