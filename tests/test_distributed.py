@@ -578,7 +578,7 @@ def test_adamw_state_and_init_from_head_rows_reshard(tmp_path: Path, monkeypatch
         return optim.build("adamw", optim.param_groups(torch.nn.Identity(), head, 0.01, 0.1), lr=0.01)
 
     torch.manual_seed(0)
-    head = heads.build("unitsface", C, D, warmup_epochs=0, min_fill=0.0).train()
+    head = heads.build("unitsface", C, D, s2s_start_epoch=0, min_fill=0.0).train()
     opt = adamw(head)
     for x, labels, _ in global_batches()[:2]:
         head(x, labels).backward()
@@ -591,7 +591,7 @@ def test_adamw_state_and_init_from_head_rows_reshard(tmp_path: Path, monkeypatch
     ckpt = read_checkpoint(tmp_path / "full.pt")
     for r in range(2):
         as_rank(monkeypatch, r, 2)
-        part = heads.build("unitsface", C, D, warmup_epochs=0, min_fill=0.0)
+        part = heads.build("unitsface", C, D, s2s_start_epoch=0, min_fill=0.0)
         part_opt = adamw(part)
         loaded = distributed.load_checkpoint(tmp_path / "full.pt", part, part_opt)
         part_opt.load_state_dict(loaded["optimizer"])
