@@ -343,7 +343,7 @@ def test_vit_t_exports_with_the_onnx_exporter(tmp_path) -> None:
             "input": dict(models.INPUT_CONTRACT)}
     atomic_save({"format": "unitsface-checkpoint", "version": 1, "config": {}, "meta": meta,
                  "model": model.state_dict(), "head": {}, "epoch": 0, "step": 0}, tmp_path / "vit.pt")
-    report = export_onnx(tmp_path / "vit.pt", tmp_path / "vit.onnx", dynamic_batch=True)
+    report = export_onnx(tmp_path / "vit.pt", tmp_path / "vit.onnx")  # dynamic batch
     assert report.max_abs_diff and max(report.max_abs_diff.values()) <= 1e-4
     fresh, _ = load_backbone(tmp_path / "vit.pt")
     x = torch.randn(3, 3, 112, 112)
