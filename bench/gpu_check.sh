@@ -3,7 +3,7 @@
 #
 #   1. the equivalence tests of tests/test_distributed.py with the heads on the GPU (2 gloo ranks
 #      sharing it; the trainer and checkpoint parts stay on CPU);
-#   2. training throughput, iresnet50 + unitsface head, batch 256, bf16 autocast, channels-last
+#   2. training throughput, iresnet50 and vit_t + unitsface head, batch 256, bf16 autocast, channels-last
 #      (samples/s, forward + backward + SGD step), and the same with cosface (bench/train_throughput.py);
 #   3. the head-scaling table at C = 1M and 2M (1 rank; cosface, unitsface, cosface@0.1 dense and sparse).
 #

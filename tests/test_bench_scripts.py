@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
-TINY = ["--device", "cpu", "--backbone", "tinyfacenet", "--classes", "50", "--dim", "32", "--steps", "1"]
+TINY = ["--device", "cpu", "--backbones", "tinyfacenet", "--classes", "50", "--dim", "32", "--steps", "1"]
 
 
 def load_file(name: str, path: Path) -> ModuleType:
@@ -94,8 +94,9 @@ def test_distributed_tests_read_the_device_gpu_check_sets(planned: dict[str, lis
 
 def test_train_throughput_defaults_are_the_gpu_check(throughput: ModuleType) -> None:
     args = throughput.parse_args([])
-    assert (args.device, args.backbone, args.batch, args.classes, args.dim) == ("cuda", "iresnet50", 256, 10_572, 512)
-    assert (args.heads, args.amp, args.channels_last) == (["unitsface", "cosface"], "bf16", True)
+    assert (args.device, args.batch, args.classes, args.dim) == ("cuda", 256, 10_572, 512)
+    assert (args.backbones, args.heads, args.amp) == (["iresnet50", "vit_t"], ["unitsface", "cosface"], "bf16")
+    assert (args.channels_last, args.optimizer, args.arcface_torch) == (True, "sgd", None)
     assert args.steps >= 10 and args.warmup >= 1
 
 
@@ -103,12 +104,13 @@ def check_run(records: list[dict], batch: int, warmup: int, amp: str, channels_l
     *runs, ratio = records
     assert [r["head"] for r in runs] == ["unitsface", "cosface"]
     for r in runs:
-        assert (r["backbone"], r["device"], r["classes"], r["amp"]) == ("tinyfacenet", "cpu", 50, amp)
+        assert (r["backbone"], r["impl"], r["device"], r["classes"], r["amp"]) == ("tinyfacenet", "unitsface", "cpu",
+                                                                                     50, amp)
         assert r["batch"] == batch
         assert r["channels_last"] is channels_last and r["steps"] == 1 and r["warmup"] == warmup
         assert r["samples_per_s"] > 0 and r["ms_per_step"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
         assert "peak_gb" not in r  # CUDA only
-    assert ratio["ratio"] == "unitsface/cosface_step_time" and ratio["value"] > 0
+    assert ratio["ratio"] == "unitsface/cosface_step_time" and ratio["backbone"] == "tinyfacenet" and ratio["value"] > 0
 
 
 def test_train_throughput_script_on_cpu() -> None:
@@ -124,6 +126,66 @@ def test_train_throughput_bf16_autocast_on_cpu(throughput: ModuleType, capsys: p
     """Channels-last, as on the GPU; batch 2 and no warm-up keep CPU bf16 (emulated on most CPUs) quick."""
     assert throughput.main([*TINY, "--batch", "2", "--warmup", "0", "--amp", "bf16"]) == 0
     check_run(json_records(capsys.readouterr().out), 2, 0, "bf16", channels_last=True)
+
+
+FAKE_ARCFACE_TORCH = {
+    "backbones/vit.py": "",
+    "backbones/__init__.py": (
+        "import torch\n"
+        "def get_model(name, num_features=512, **kwargs):\n"
+        "    assert name == 'vit_t'\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 28, 28), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(64, num_features))\n"),
+}
+
+
+def test_train_throughput_times_arcface_torch_vit_t_or_says_why_not(throughput: ModuleType, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A stand-in checkout (its get_model returns a small net) exercises the import and the ratio line; the
+    unitsface vit_t is timed too, at batch 2."""
+    args = ["--device", "cpu", "--backbones", "tinyfacenet", "--heads", "cosface", "--classes", "50", "--dim", "32",
+            "--steps", "1", "--warmup", "0", "--batch", "2", "--amp", "none"]
+    assert throughput.main([*args, "--arcface-torch", str(tmp_path / "absent")]) == 0
+    *runs, skipped = json_records(capsys.readouterr().out)
+    assert [r["backbone"] for r in runs] == ["tinyfacenet"]
+    assert skipped["skipped"] == "arcface_torch:vit_t" and "no backbones/vit.py" in skipped["reason"]
+    for name, text in FAKE_ARCFACE_TORCH.items():
+        (tmp_path / "recognition" / "arcface_torch" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "recognition" / "arcface_torch" / name).write_text(text)
+    try:
+        assert throughput.main([*args, "--arcface-torch", str(tmp_path)]) == 0
+    finally:
+        sys.modules.pop("backbones", None)
+    records = json_records(capsys.readouterr().out)
+    assert [(r.get("impl"), r.get("backbone")) for r in records[:-1]] == [
+        ("unitsface", "tinyfacenet"), ("unitsface", "vit_t"), ("arcface_torch", "vit_t")]
+    assert records[-1]["ratio"] == "unitsface/arcface_torch_step_time" and records[-1]["value"] > 0
+
+
+def test_vit_multiply_accumulates_match_arcface_torch() -> None:
+    """torch's FLOP counter (2 per multiply-accumulate) against arcface_torch's published "GFLOPs" (ptflops
+    multiply-accumulates plus the attention matmuls it adds by hand), at 512-d embeddings."""
+    costs = load_file("model_costs_under_test", ROOT / "bench" / "model_costs.py").costs
+    for name, published in (("vit_t", 1.5), ("vit_s", 5.7), ("vit_b", 11.4), ("vit_l", 25.3)):
+        r = costs(name)
+        assert r["published_gflops"] == published and round(r["gmacs"], 1) == published, r
+    macs, size, cin = 112 * 112 * 64 * 27, 112, 64  # iresnet50 by hand: stem, blocks, fc
+    for planes, blocks in zip((64, 128, 256, 512), (3, 4, 14, 3)):
+        for i in range(blocks):
+            out = size // 2 if i == 0 else size
+            shortcut = out * out * planes * cin if i == 0 else 0  # the 1×1 strided conv
+            macs += size * size * planes * cin * 9 + out * out * planes * planes * 9 + shortcut
+            cin, size = planes, out
+    assert costs("iresnet50")["gmacs"] == round((macs + 512 * 49 * 512) / 1e9, 3)
+
+
+def test_model_costs_prints_a_json_line_per_backbone() -> None:
+    proc = subprocess.run([sys.executable, "bench/model_costs.py", "--backbones", "tinyfacenet", "vit_t"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json_records(proc.stdout)
+    assert [(r["backbone"], r["published_gflops"]) for r in records] == [("tinyfacenet", None), ("vit_t", 1.5)]
+    assert all(r["params"] > 0 and r["gmacs"] > 0 for r in records)
 
 
 def test_train_throughput_without_cuda_is_a_clear_error(throughput: ModuleType, monkeypatch: pytest.MonkeyPatch,

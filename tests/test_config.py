@@ -47,6 +47,13 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("train.tensorboard=3", "config key 'train.tensorboard' must be bool, got 3"),
         ("model.sync_batchnorm=1", "config key 'model.sync_batchnorm' must be bool, got 1"),
         ("train.lr", "override 'train.lr' must look like key=value"),
+        ("train.optimizer=adam", "unknown train.optimizer 'adam'; known: adamw, sgd"),
+        ("train.head_lr_scale=-1", "config key 'train.head_lr_scale' must be >= 0, got -1"),
+        ("train.no_decay_norm_bias=1", "config key 'train.no_decay_norm_bias' must be bool, got 1"),
+        ("model.mask_ratio=0.1", "backbone 'tinyfacenet' has no parameter 'mask_ratio'; it accepts: input_size"),
+        ("model.pretrianed=r50.pth", "backbone 'tinyfacenet' has no parameter 'pretrianed' (did you mean "
+                                     "'model.pretrained'?)"),
+        ("model.input_size=big", "config key 'model.input_size' must be a number, got 'big'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -77,3 +84,32 @@ def test_switching_head_keeps_only_parameters_the_new_head_accepts():
     assert config["head"] == {"name": "cosface", "s": 32.0}  # UniTSFace's margins dropped, s kept
     with pytest.raises(UnitsfaceError, match="head 'cosface' has no parameter 'm_class'"):
         load_config("demo", ["head.name=cosface", "head.m_class=0.3"])
+
+
+def test_the_arcface_torch_vit_recipe_is_a_config(tmp_path):
+    """configs/wf42m_pfc03_40epoch_8gpu_vit_t.py: AdamW lr 1e-3, wd 0.1, warm-up num_epoch // 10 = 4 epochs then
+    PolynomialLRWarmup (power 1: linear), clip 5 (there: backbone only), fp16; vit_t_dp005_mask0: drop path
+    0.05, no masking; Partial FC 0.3, CosFace m = 0.4."""
+    path = tmp_path / "vit.yaml"
+    path.write_text("""
+model: {backbone: vit_t, embedding_size: 512, mask_ratio: 0.0, drop_path: 0.05}
+head: {name: cosface, s: 64.0, m: 0.4, sample_rate: 0.3}
+train: {optimizer: adamw, lr: 1.0e-3, weight_decay: 0.1, epochs: 40, warmup_epochs: 4, schedule: poly, power: 1.0,
+        grad_clip: 5.0, amp: fp16, batch_size: 512}
+""")
+    config = load_config(str(path))
+    assert config["model"]["mask_ratio"] == 0.0 and config["train"]["optimizer"] == "adamw"
+    switched = load_config(str(path), ["model.backbone=iresnet50"])  # the ViT's parameters go with it
+    assert switched["model"] == {"backbone": "iresnet50", "embedding_size": 512, "sync_batchnorm": False,
+                                 "pretrained": None}
+    with pytest.raises(UnitsfaceError, match="no parameter 'drop_path'"):
+        load_config(str(path), ["model.backbone=iresnet50", "model.drop_path=0.1"])  # unless given again
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.optimizer=adamw", "train.sparse_update=true"], "train.sparse_update needs train.optimizer=sgd"),
+    (["model.pretrained=a.pth", "train.init_from=b.pt"], "model.pretrained and train.init_from both set"),
+])
+def test_incompatible_keys(overrides, message):
+    with pytest.raises(UnitsfaceError, match=message):
+        load_config("demo", overrides)

@@ -28,6 +28,7 @@ from unitsface.config import load_config
 from unitsface.data.dataset import EpochSampler
 from unitsface.errors import UnitsfaceError
 from unitsface.training import distributed, trainer
+from unitsface.training.checkpoint import load_checkpoint as read_checkpoint
 
 C, D, B_LOCAL, WORLD = 11, 16, 8, 2  # uneven shards (6 + 5 classes); D differs from any shard size
 EPOCHS = (0, 1, 3, 4)  # step k runs at epoch EPOCHS[k]: memories fill at 0, USS starts at 1, EPL at 3
@@ -570,3 +571,37 @@ def test_sync_batchnorm_two_ranks_train_like_one_process(sync_runs: dict, tmp_pa
         plain = trainer.Trainer(run_config(sync_runs["data"], tmp_path, SYNC_STEPS, WORLD * BATCH),
                                 resume=root / "two" / "last.pt")
     assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in final.items())
+
+
+def test_adamw_state_and_init_from_head_rows_reshard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AdamW's per-row moments follow the class rows like SGD's momentum; `head_rows` (train.init_from) gives
+    each rank its rows of a checkpoint without touching optimiser state."""
+    def adamw(head: torch.nn.Module) -> torch.optim.Optimizer:
+        return optim.build("adamw", optim.param_groups(torch.nn.Identity(), head, 0.01, 0.1), lr=0.01)
+
+    torch.manual_seed(0)
+    head = heads.build("unitsface", C, D, s2s_start_epoch=0, min_fill=0.0).train()
+    opt = adamw(head)
+    for x, labels, _ in global_batches()[:2]:
+        head(x, labels).backward()
+        opt.step()
+        opt.zero_grad()
+    state = {"format": "unitsface-checkpoint", "version": 1, "step": 2, "config": {"train": {"seed": 1}},
+             "meta": {"num_classes": C}, "head": head.state_dict(), "optimizer": opt.state_dict(),
+             "rng": trainer.capture_rng()}
+    distributed.save_checkpoint(state, tmp_path / "full.pt", head, opt)
+    ckpt = read_checkpoint(tmp_path / "full.pt")
+    for r in range(2):
+        as_rank(monkeypatch, r, 2)
+        part = heads.build("unitsface", C, D, s2s_start_epoch=0, min_fill=0.0)
+        part_opt = adamw(part)
+        loaded = distributed.load_checkpoint(tmp_path / "full.pt", part, part_opt)
+        part_opt.load_state_dict(loaded["optimizer"])
+        lo, hi = part.shard.start, part.shard.end
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(part_opt.state[part.weight][key], opt.state[head.weight][key][lo:hi]), key
+        assert torch.equal(part_opt.state[part.bias]["exp_avg"], opt.state[head.bias]["exp_avg"])
+        rows = distributed.head_rows(ckpt, tmp_path / "full.pt", part)
+        assert torch.equal(rows["weight"], head.weight.detach()[lo:hi])
+        assert torch.equal(rows["memory"], head.memory[lo:hi]) and torch.equal(rows["bias"], head.bias.detach())
+        monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Backbones: registry, exact architectures (parameter counts, upstream layouts), contracts, export."""
+"""Backbones: registry, exact architectures (parameter counts, FLOPs, upstream layouts), contracts, export."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from unitsface import models
 from unitsface.errors import UnitsfaceError
+from unitsface.models.vit import VisionTransformer, drop_path
 
 RESNET_DEPTHS = {
     "iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3), "iresnet50": (3, 4, 14, 3),
@@ -21,6 +22,7 @@ RESNET_DEPTHS = {
     "lresnet100e_ir": (3, 13, 30, 3), "lresnet200e_ir": (3, 33, 60, 3),
 }
 SMALL = ("tinyfacenet", "mobilefacenet", "lresnet18e_ir", "iresnet18")
+VITS = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24), "vit_l": (768, 24)}  # width D, depth
 
 
 def n_params(model: nn.Module) -> int:
@@ -60,7 +62,7 @@ def trained_stats(name: str, d: int = 128, **kwargs) -> nn.Module:
 
 def test_registry_names_and_families() -> None:
     expected = {name: name[:7] for name in RESNET_DEPTHS}  # "iresnet" / "lresnet"
-    expected.update(mobilefacenet="mobilefacenet", tinyfacenet="tinyfacenet")
+    expected.update(mobilefacenet="mobilefacenet", tinyfacenet="tinyfacenet", **{name: "vit" for name in VITS})
     assert models.names() == sorted(expected)
     assert {n: models.family(n) for n in models.names()} == expected
 
@@ -72,6 +74,9 @@ def test_registry_names_and_families() -> None:
     lambda: models.build("tinyfacenet", 0),
     lambda: models.build("tinyfacenet", 128, input_size=100),
     lambda: models.input_contract(nn.Linear(2, 2)),
+    lambda: models.build("vit_t", 128, mask_ratio=1.0),
+    lambda: models.build("vit_t", 128, drop_path=-0.1),
+    lambda: models.build("vit_t", 128, layers=3),  # architecture arguments are not parameters
 ])
 def test_bad_input_raises_unitsface_error(call) -> None:
     with pytest.raises(UnitsfaceError):
@@ -92,6 +97,113 @@ def test_resnet_parameter_counts_and_output_width(meta_models, name: str) -> Non
     model = meta_models[name]
     assert n_params(model) == expected
     assert (model.features if insightface else model.bn5).num_features == 256
+
+
+def test_backbone_parameters_are_the_tunable_keywords() -> None:
+    assert models.parameters("iresnet50") == {"dropout": 0.0}
+    assert models.parameters("tinyfacenet") == {"input_size": 112}
+    assert models.parameters("vit_t") == {"mask_ratio": 0.1, "drop_path": 0.1, "gradient_checkpointing": False}
+    assert models.parameters("vit_b") == {"mask_ratio": 0.1, "drop_path": 0.1, "gradient_checkpointing": True}
+    assert models.parameters("vit_l") == {"mask_ratio": 0.05, "drop_path": 0.05, "gradient_checkpointing": True}
+    with pytest.raises(UnitsfaceError, match="no parameter 'mask_ratio'; it accepts: dropout"):
+        models.build("iresnet18", mask_ratio=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(VITS))
+def test_vit_parameter_counts_by_hand(meta_models, name: str) -> None:
+    d, depth = VITS[name]
+    block = 2 * 2 * d + 3 * d * d + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)  # 2 LN, qkv, proj, MLP
+    stem = 3 * 81 * d + d + 144 * d + d  # patch conv, position embeddings, mask token
+    feature = 144 * d * d + 2 * d + d * 256 + 2 * 256  # Linear, BN, Linear (no biases), BN; d=256 embeddings
+    assert n_params(meta_models[name]) == stem + depth * block + 2 * d + feature
+
+
+def test_vit_arcface_torch_names_and_head() -> None:
+    with torch.device("meta"):
+        model = models.build("vit_t", 128)
+    state = model.state_dict()
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "mask_token",
+                "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias",
+                "blocks.11.mlp.fc1.bias", "blocks.11.mlp.fc2.weight", "norm.weight", "feature.0.weight",
+                "feature.1.running_var", "feature.2.weight", "feature.3.bias"):
+        assert key in state, key
+    for key in ("blocks.0.attn.qkv.bias", "feature.0.bias", "feature.2.bias", "blocks.12.norm1.weight"):
+        assert key not in state, key
+    assert state["patch_embed.proj.weight"].shape == (256, 3, 9, 9) and state["pos_embed"].shape == (1, 144, 256)
+    assert state["feature.0.weight"].shape == (256, 144 * 256) and state["feature.2.weight"].shape == (128, 256)
+    assert model.feature[1].eps == model.feature[3].eps == 2e-5
+    assert all(isinstance(block.mlp.act, nn.ReLU6) for block in model.blocks)
+    rates = [block.drop_rate for block in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+
+
+def feature_input(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The tokens entering the feature head (N × 144 × D) and the inputs of every block, from one forward."""
+    seen: dict[str, list[torch.Tensor]] = {"feature": [], "blocks": []}
+    hooks = [model.feature.register_forward_pre_hook(lambda m, a: seen["feature"].append(a[0].detach())),
+             *[b.register_forward_pre_hook(lambda m, a: seen["blocks"].append(a[0].detach())) for b in model.blocks]]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen["feature"][0].reshape(x.shape[0], 144, -1), seen["blocks"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5])
+def test_vit_masks_the_configured_ratio_in_training_only(ratio: float) -> None:
+    """arcface_torch masks 10 % whatever its mask_ratio; here int(144·(1 − r)) tokens are kept per sample and
+    the others enter the feature head as the mask token."""
+    torch.manual_seed(0)
+    model = VisionTransformer(dim=32, depth=2, embedding_size=8, mask_ratio=ratio, drop_path=0.0).train()
+    tokens, blocks = feature_input(model, torch.randn(3, 3, 112, 112))
+    keep = int(144 * (1 - ratio))
+    assert len(blocks) == 2 and all(b.shape == (3, keep, 32) for b in blocks)
+    is_mask = (tokens == model.mask_token.detach()).all(dim=2)
+    assert is_mask.sum(dim=1).tolist() == [144 - keep] * 3
+    if 0 < keep < 144:
+        assert not torch.equal(is_mask[0], is_mask[1])  # each sample draws its own positions
+    tokens, blocks = feature_input(model.eval(), torch.randn(3, 3, 112, 112))
+    assert all(b.shape == (3, 144, 32) for b in blocks) and not (tokens == model.mask_token.detach()).all(2).any()
+
+
+def test_drop_path_zeroes_or_rescales_whole_samples() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(400, 5, 3) + 10
+    out = drop_path(x, 0.25, training=True)
+    kept = (out != 0).all(dim=(1, 2))
+    assert torch.equal(kept, (out != 0).any(dim=(1, 2)))  # a sample is dropped entirely or not at all
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    assert 0.65 < kept.float().mean() < 0.85
+    assert drop_path(x, 0.25, training=False) is x
+
+
+def test_vit_gradient_checkpointing_gives_the_same_gradients() -> None:
+    """Recomputed blocks replay the same masking and drop-path draws (the RNG state is saved)."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = VisionTransformer(dim=32, depth=3, embedding_size=8, drop_path=0.5,
+                                  gradient_checkpointing=checkpointing).train()
+        model(torch.randn(2, 3, 112, 112)).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_vit_attention_in_float32_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    dtypes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    model = VisionTransformer(dim=32, depth=2, embedding_size=8).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model(torch.randn(1, 3, 112, 112))
+        assert model.blocks[0].mlp.fc1(torch.randn(1, 32)).dtype == torch.bfloat16  # the MLP follows autocast
+    assert dtypes == [(torch.float32,) * 3] * 2
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_light_model_sizes() -> None:
@@ -217,6 +329,29 @@ def test_bf16_autocast_channels_last_finite() -> None:
             grads = [p.grad for p in module.parameters() if p.requires_grad]
             assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert out.shape == (2, 128, 8, 8)
+
+
+def test_vit_t_exports_with_the_onnx_exporter(tmp_path) -> None:
+    """vit_t through `unitsface export`'s own path: checkpoint -> ONNX, checked against PyTorch by the exporter
+    (random pixels and rendered faces) and here on other inputs with a fresh model."""
+    pytest.importorskip("onnxruntime")
+    from unitsface.export import export_onnx, load_onnx
+    from unitsface.training.checkpoint import atomic_save, load_backbone
+
+    model = trained_stats("vit_t", 64)
+    meta = {"backbone": "vit_t", "embedding_size": 64, "head": "cosface", "num_classes": 10, "threshold": None,
+            "input": dict(models.INPUT_CONTRACT)}
+    atomic_save({"format": "unitsface-checkpoint", "version": 1, "config": {}, "meta": meta,
+                 "model": model.state_dict(), "head": {}, "epoch": 0, "step": 0}, tmp_path / "vit.pt")
+    report = export_onnx(tmp_path / "vit.pt", tmp_path / "vit.onnx")  # dynamic batch
+    assert report.max_abs_diff and max(report.max_abs_diff.values()) <= 1e-4
+    fresh, _ = load_backbone(tmp_path / "vit.pt")
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        want = fresh(x).numpy()
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(load_onnx(tmp_path / "vit.onnx").run(x.numpy()), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("name", ["tinyfacenet", "mobilefacenet"])

@@ -28,6 +28,16 @@ def test_poly_with_warmup():
     assert f(200) == pytest.approx(0.0)
 
 
+def test_poly_power_one_is_arcface_torchs_linear_decay():
+    """arcface_torch's PolynomialLRWarmup (power 1.0): lr·step/w during warm-up, then lr·(1 − (step − w)/(T − w))."""
+    f = lr_factor("poly", steps_per_epoch=100, epochs=40, warmup_epochs=4, power=1.0)
+    assert f(199) == pytest.approx(200 / 400)
+    assert f(400) == pytest.approx(1.0)
+    assert f(1300) == pytest.approx(1 - 900 / 3600)
+    assert f(2200) == pytest.approx(0.5)
+    assert [f(s) - f(s + 1) for s in (1000, 2000, 3000)] == pytest.approx([1 / 3600] * 3)  # a straight line
+
+
 def test_cosine_halfway_is_half():
     f = lr_factor("cosine", steps_per_epoch=4, epochs=10)
     assert f(0) == pytest.approx(1.0)

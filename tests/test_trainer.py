@@ -1,10 +1,14 @@
-"""The trainer end to end on a tiny synthetic set: outputs, exact resume, CLI, bad input."""
+"""The trainer end to end on a tiny synthetic set: outputs, exact resume, starting weights, W&B, CLI, bad input."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +70,13 @@ def test_train_writes_outputs_and_checkpoint_loads_weights_only(cache, tmp_path)
 
 
 @pytest.mark.parametrize("scale_out", [(), ("head.sample_rate=0.5", "train.sparse_update=true",
-                                              "head.memory_dtype=bfloat16")], ids=["plain", "scale_out"])
+                                              "head.memory_dtype=bfloat16"),
+                                       ("train.optimizer=adamw", "train.lr=0.002", "train.weight_decay=0.1",
+                                        "train.no_decay_norm_bias=true", "train.head_lr_scale=10")],
+                         ids=["plain", "scale_out", "adamw_groups"])
 def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
-    """Also with Partial FC, lazily updated rows and a bf16 memory: their state survives the checkpoint."""
+    """Also with Partial FC, lazily updated rows and a bf16 memory, or AdamW's moments over four parameter
+    groups: their state survives the checkpoint."""
     full, part = tmp_path / "full", tmp_path / "part"
     # has memory + lazily initialised bias: state matters
     head = ["head.name=unitsface", "head.s=16.0", *scale_out]
@@ -83,7 +91,7 @@ def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
     # the USS term switched on in epoch 1, after the resume point: the loss jumps
     assert a[9] > a[8]
     memory = load_checkpoint(part / "last.pt")["head"]["memory.features"]
-    assert memory.dtype == (torch.bfloat16 if scale_out else torch.float32)
+    assert memory.dtype == (torch.bfloat16 if "head.memory_dtype=bfloat16" in scale_out else torch.float32)
 
 
 def all_pair_rates(embeddings: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
@@ -232,3 +240,129 @@ def test_resume_from_corrupt_checkpoint_is_an_error(cache, tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(UnitsfaceError, match="corrupt or unreadable checkpoint"):
         Trainer(tiny_config(cache, tmp_path / "r"), resume=bad)
+
+
+@pytest.fixture(scope="module")
+def finished(cache, tmp_path_factory) -> Path:
+    """The checkpoint of a short tiny run (tinyfacenet + cosface over 16 classes)."""
+    out = tmp_path_factory.mktemp("finished")
+    Trainer(tiny_config(cache, out, "train.max_steps=2")).fit()
+    return out / "last.pt"
+
+
+def same_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(value, state[key]) for key, value in module.state_dict().items())
+
+
+def test_init_from_takes_backbone_and_head_then_trains_afresh(cache, tmp_path, finished, capsys):
+    ckpt = load_checkpoint(finished)
+    trainer = Trainer(tiny_config(cache, tmp_path / "fine", f"train.init_from={finished}", "train.optimizer=adamw"))
+    assert same_state(trainer.model, ckpt["model"]) and same_state(trainer.head, ckpt["head"])
+    assert trainer.step == 0 and not trainer.optimizer.state  # a new run: step 0, fresh optimiser and schedule
+    out = capsys.readouterr().out
+    assert f"train.init_from {finished} (backbone): {len(ckpt['model'])} tensors loaded (layout unitsface)" in out
+    assert f"train.init_from {finished} (head): {len(ckpt['head'])} tensors loaded" in out
+    assert out.count("missing, left as initialised: none") == 2
+
+    other = Trainer(tiny_config(cache, tmp_path / "other", f"train.init_from={finished}", "head.name=arcface"))
+    assert same_state(other.model, ckpt["model"]) and not torch.equal(other.head.weight, ckpt["head"]["weight"])
+    assert "head not loaded (the checkpoint's is unitsface over 16 classes, this run's arcface over 16)" in \
+        capsys.readouterr().out
+
+
+def test_model_pretrained_loads_the_backbone_only(cache, tmp_path, finished, capsys):
+    ckpt = load_checkpoint(finished)
+    trainer = Trainer(tiny_config(cache, tmp_path / "pre", f"model.pretrained={finished}"))
+    assert same_state(trainer.model, ckpt["model"]) and not torch.equal(trainer.head.weight, ckpt["head"]["weight"])
+    assert f"model.pretrained {finished}: {len(ckpt['model'])} tensors loaded (layout unitsface)" in \
+        capsys.readouterr().out
+    with pytest.raises(UnitsfaceError, match="cannot be loaded into a mobilefacenet backbone"):
+        Trainer(tiny_config(cache, tmp_path / "bad", f"model.pretrained={finished}", "model.backbone=mobilefacenet"))
+
+
+def test_a_vit_with_adamw_groups_takes_a_step(cache, tmp_path):
+    """Backbone keywords reach the model; norms and biases decay-free; the head at 10× the lr."""
+    t = Trainer(tiny_config(cache, tmp_path / "vit", "model.backbone=vit_t", "model.mask_ratio=0.25",
+                            "model.drop_path=0.0", "train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.1",
+                            "train.no_decay_norm_bias=true", "train.head_lr_scale=10"))
+    assert t.model.mask_ratio == 0.25 and isinstance(t.optimizer, torch.optim.AdamW)
+    settings = {id(p): (g["lr"], g["weight_decay"]) for g in t.optimizer.param_groups for p in g["params"]}
+    assert settings[id(t.model.blocks[0].norm1.weight)] == settings[id(t.model.blocks[0].attn.proj.bias)] == (0.001, 0)
+    assert settings[id(t.model.blocks[0].attn.qkv.weight)] == settings[id(t.model.pos_embed)] == (0.001, 0.1)
+    assert settings[id(t.head.weight)] == (0.01, 0.1)
+    images, labels = next(iter(t.loader(0, 0)))
+    before = t.model.blocks[0].attn.qkv.weight.detach().clone()
+    assert math.isfinite(t.micro_step(images, labels, torch.Generator().manual_seed(0)))
+    t.optimizer_step()
+    assert t.step == 1 and not torch.equal(before, t.model.blocks[0].attn.qkv.weight)
+
+
+def test_a_resumed_run_keeps_its_own_weights(cache, tmp_path, finished):
+    """init_from is for the start of a run: resuming never reads it (it may be gone by then)."""
+    trainer = Trainer(tiny_config(cache, tmp_path / "r", "train.init_from=/gone/last.pt"), resume=finished)
+    assert trainer.step == 2
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of an offline W&B run file (LevelDB-style log: 7-byte header, 32 KiB blocks of chunks
+    with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last), as protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, chunk = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def test_wandb_offline_run_logs_what_metrics_jsonl_logs(cache, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+    out = tmp_path / "wb"
+    Trainer(tiny_config(cache, out, "train.wandb=true", "train.max_steps=3")).fit()
+    Trainer(tiny_config(cache, out, "train.wandb=true", "train.max_steps=4"), resume=out / "last.pt").fit()
+    runs = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
+    run_id = (out / "wandb_run_id").read_text()
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # the resumed run continues it
+    history = {}
+    for run in runs:
+        records = wandb_records(run)
+        [start] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (start.display_name, start.project) == ("wb", "unitsface")
+        assert json.loads({c.key: c.value_json for c in start.config.update}["train"])["wandb"] is True
+        for r in records:
+            if r.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                history.setdefault(items["_step"], {}).update(items)
+    assert {step: h["train/loss"] for step, h in history.items() if "train/loss" in h} == \
+        pytest.approx(losses(out), rel=1e-6)
+    assert 0 <= history[4]["val/val/accuracy"] <= 1 and "val/val/auc" in history[3]
+
+
+def test_wandb_is_imported_only_when_switched_on(tmp_path, monkeypatch):
+    code = ("import sys; from pathlib import Path; from unitsface.training.trainer import Trainer; "
+            "from unitsface.training.logging import RunLogger; "
+            f"log = RunLogger(Path({str(tmp_path)!r}), True, 2); log.step(1, 0, 1.0, 0.1, 10.0, {{}}, 1); log.close(); "
+            "assert 'wandb' not in sys.modules, 'imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from unitsface.training.logging import start_wandb
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(UnitsfaceError, match=r"train.wandb=true needs the wandb package \(pip install wandb\)"):
+        start_wandb(tmp_path, {})

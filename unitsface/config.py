@@ -12,7 +12,7 @@ import copy
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -34,15 +34,21 @@ DEFAULTS: dict[str, Any] = {
         "backbone": "iresnet50",
         "embedding_size": 512,
         "sync_batchnorm": False,  # several ranks: BatchNorm statistics over the global batch, not per rank
+        "pretrained": None,  # backbone weights to start from: insightface/arcface_torch .pth, AdaFace, unitsface
+        # any other model.<key> is a keyword of the backbone's constructor (models.parameters), e.g. mask_ratio
     },
     "head": {"name": "cosface"},
     "train": {
         "batch_size": 128,
         "epochs": 20,
         "max_steps": None,
+        "optimizer": "sgd",  # sgd | adamw (optim.names())
         "lr": 0.1,
         "weight_decay": 5e-4,
-        "momentum": 0.9,
+        "momentum": 0.9,  # sgd only
+        "no_decay_norm_bias": False,  # no weight decay for norm weights, biases, PReLU slopes
+        "head_lr_scale": 1.0,  # the head's lr = lr × head_lr_scale
+        "init_from": None,  # a unitsface checkpoint to fine-tune from (backbone; head too when the classes match)
         "schedule": "step",
         "milestones": [16, 24],
         "gamma": 0.1,
@@ -58,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 0,  # validate every N optimizer steps; 0: at the end of every epoch (and always at the end)
         "checkpoint_every": 0,
         "tensorboard": False,
+        "wandb": False,  # Weights & Biases (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE from the environment)
         "clamp_prelu": 0.01,
         "flip": True,
         "sparse_update": False,  # Partial FC: optimiser touches only sampled class rows (lazy momentum/decay)
@@ -79,13 +86,18 @@ TYPES: dict[str, tuple[type, ...]] = {
     "model.backbone": (str,),
     "model.embedding_size": (int,),
     "model.sync_batchnorm": (bool,),
+    "model.pretrained": (str, type(None)),
     "head.name": (str,),
     "train.batch_size": (int,),
     "train.epochs": (int,),
     "train.max_steps": (int, type(None)),
+    "train.optimizer": (str,),
     "train.lr": (float, int),
     "train.weight_decay": (float, int),
     "train.momentum": (float, int),
+    "train.no_decay_norm_bias": (bool,),
+    "train.head_lr_scale": (float, int),
+    "train.init_from": (str, type(None)),
     "train.schedule": (str,),
     "train.milestones": (list,),
     "train.gamma": (float, int),
@@ -101,6 +113,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.checkpoint_every": (int,),
     "train.val_every": (int,),
     "train.tensorboard": (bool,),
+    "train.wandb": (bool,),
     "train.clamp_prelu": (float, int, type(None)),
     "train.flip": (bool,),
     "train.sparse_update": (bool,),
@@ -147,8 +160,8 @@ def _read_yaml(source: str) -> dict[str, Any]:
 def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> None:
     for key, value in update.items():
         dotted = f"{prefix}{key}"
-        if prefix == "head." or dotted == "head":
-            pass  # head parameters are checked against the chosen head's signature
+        if prefix in ("head.", "model.") or dotted == "head":
+            pass  # head and backbone parameters are checked against the chosen constructor's signature
         elif key not in base:
             known = [k for k in base]
             hint = difflib.get_close_matches(str(key), known, n=1)
@@ -186,12 +199,35 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Check types, choices and ranges of every key; check head parameters against the head."""
-    from unitsface import heads, models
+def backbone_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The `model.<key>` entries that are keywords of the backbone's constructor (not trainer keys)."""
+    return {k: v for k, v in config["model"].items() if k not in DEFAULTS["model"]}
 
+
+def _check_types(section: str, given: dict[str, Any], accepted: dict[str, Any]) -> None:
+    """Each value of `given` must have the type of its keyword's default in `accepted` (a constructor's)."""
+    for key, value in given.items():
+        default = accepted[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UnitsfaceError(f"config key '{section}.{key}' must be true or false, got {value!r}")
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UnitsfaceError(f"config key '{section}.{key}' must be a number, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise UnitsfaceError(f"config key '{section}.{key}' must be a string, got {value!r}")
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Check types, choices and ranges of every key; check head and backbone parameters against their
+    constructors."""
+    from unitsface import heads, models, optim
+
+    extra = backbone_params(config)
     flat = _flatten({k: v for k, v in config.items() if k != "head"})
     for key, value in flat.items():
+        if key.startswith("model.") and key[len("model."):].split(".")[0] in extra:
+            continue  # checked against the backbone below
         allowed = TYPES.get(key)
         if allowed is None:
             raise UnitsfaceError(f"unknown config key {key!r}")
@@ -216,21 +252,32 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if not all(isinstance(v, str) for v in flat["data.val"]):
         raise UnitsfaceError(f"data.val must be a list of paths (.bin files, .rec sets, identity folders), "
                              f"got {flat['data.val']}")
-    if flat["model.backbone"] not in models.names():
-        raise UnitsfaceError(f"unknown model.backbone {flat['model.backbone']!r}; known: {', '.join(models.names())}")
+    if flat["train.optimizer"] not in optim.names():
+        raise UnitsfaceError(f"unknown train.optimizer {flat['train.optimizer']!r}; known: {', '.join(optim.names())}")
+    if flat["train.sparse_update"] and flat["train.optimizer"] != "sgd":
+        raise UnitsfaceError(f"train.sparse_update needs train.optimizer=sgd (got {flat['train.optimizer']}): the lazy "
+                             "row update reproduces SGD's momentum and weight decay, not another optimiser's state")
+    if flat["train.head_lr_scale"] < 0:
+        raise UnitsfaceError(f"config key 'train.head_lr_scale' must be >= 0, got {flat['train.head_lr_scale']}")
+    if flat["model.pretrained"] is not None and flat["train.init_from"] is not None:
+        raise UnitsfaceError("model.pretrained and train.init_from both set: init_from already brings the backbone")
+    backbone = flat["model.backbone"]
+    if backbone not in models.names():
+        raise UnitsfaceError(f"unknown model.backbone {backbone!r}; known: {', '.join(models.names())}")
+    accepted = models.parameters(backbone)
+    for key in extra:
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, [*accepted, *DEFAULTS["model"]], n=1)
+            raise UnitsfaceError(f"backbone {backbone!r} has no parameter {key!r}"
+                                 + (f" (did you mean 'model.{hint[0]}'?)" if hint
+                                    else f"; it accepts: {', '.join(sorted(accepted)) or 'none'}"))
+    _check_types("model", extra, accepted)
     head = dict(config["head"])
     name = head.pop("name", None)
     if not isinstance(name, str) or name not in heads.names():
         raise UnitsfaceError(f"unknown head.name {name!r}; known: {', '.join(heads.names())}")
     heads.check_parameters(name, head, prefix="head.")
-    accepted = heads.head_parameters(name)
-    for key, value in head.items():
-        default = accepted[key]
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UnitsfaceError(f"config key 'head.{key}' must be a number, got {value!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise UnitsfaceError(f"config key 'head.{key}' must be a string, got {value!r}")
+    _check_types("head", head, heads.head_parameters(name))
     return config
 
 
@@ -239,24 +286,40 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     config = copy.deepcopy(DEFAULTS)
     if source:
         _merge(config, _read_yaml(source))
-    base_head = dict(config["head"])
+    base_head, base_model = dict(config["head"]), dict(config["model"])
     for assignment in overrides:
         set_dotted(config, assignment)
     if config["head"].get("name") != base_head.get("name"):
-        _drop_foreign_head_params(config["head"], base_head)
+        _drop_foreign_params(config["head"], base_head, "name", _head_parameters)
+    if config["model"].get("backbone") != base_model.get("backbone"):
+        _drop_foreign_params(config["model"], base_model, "backbone", _backbone_parameters)
     return validate(config)
 
 
-def _drop_foreign_head_params(head: dict[str, Any], base_head: dict[str, Any]) -> None:
-    """`head.name=X` on top of a preset: keep the preset's head parameters that X accepts (say `s`),
-    drop the ones it has no use for (CosFace's `m` for `unitsface`). Parameters given as overrides
-    are never dropped, so a typo there still fails validation."""
+def _head_parameters(name: str) -> dict[str, Any] | None:
     from unitsface import heads
 
-    name = head.get("name")
-    if not isinstance(name, str) or name not in heads.names():
+    return heads.head_parameters(name) if name in heads.names() else None
+
+
+def _backbone_parameters(name: str) -> dict[str, Any] | None:
+    from unitsface import models
+
+    if name not in models.names():
+        return None
+    return {**models.parameters(name), **{k: None for k in DEFAULTS["model"]}}
+
+
+def _drop_foreign_params(section: dict[str, Any], base: dict[str, Any], name_key: str,
+                         accepted_by: Callable[[str], dict[str, Any] | None]) -> None:
+    """`head.name=X` (or `model.backbone=X`) on top of a preset: keep the preset's parameters that X
+    accepts (say `s`), drop the ones it has no use for (CosFace's `m` for `unitsface`, a ViT's
+    `mask_ratio` for an iresnet). Parameters given as overrides are never dropped, so a typo there
+    still fails validation."""
+    name = section.get(name_key)
+    accepted = accepted_by(name) if isinstance(name, str) else None
+    if accepted is None:
         return
-    accepted = heads.head_parameters(name)
-    for key, value in base_head.items():
-        if key != "name" and key not in accepted and head.get(key) == value:
-            del head[key]
+    for key, value in base.items():
+        if key != name_key and key not in accepted and section.get(key) == value:
+            del section[key]

@@ -1,6 +1,13 @@
-"""SGD whose Partial FC class proxies can be updated lazily, row by row (the "sparse" update).
+"""The optimisers a run can use (`train.optimizer`), their parameter groups, and an SGD whose
+Partial FC class proxies can be updated lazily, row by row (the "sparse" update).
 
-With Partial FC (`head.sample_rate` < 1) only the sampled rows of a C×d class matrix get a
+`build(name, groups, ...)` makes `sgd` (the SGD below) or `adamw` (torch's AdamW: arcface_torch's
+ViT recipe); `param_groups(backbone, head, ...)` splits the parameters by learning rate (a head
+multiplier, `train.head_lr_scale`) and weight decay (none for norm weights, biases and PReLU slopes
+with `train.no_decay_norm_bias`). The lazy update below is exact for SGD only, so `train.sparse_update`
+needs `sgd`.
+
+The sparse update. With Partial FC (`head.sample_rate` < 1) only the sampled rows of a C×d class matrix get a
 loss gradient, yet dense SGD still reads and writes all C rows every step for weight decay
 and momentum (and autograd first materialises a dense, mostly-zero C×d gradient). At C = 1M
 that costs more than the head itself. A parameter registered as `lazy` is instead read with
@@ -25,10 +32,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch import nn
 
-from unitsface.heads.components import ROW_READER  # the attribute through which heads read Partial FC rows
+from unitsface.errors import UnitsfaceError
+from unitsface.heads.components import ROW_READER, LearnedBias  # ROW_READER: how heads read Partial FC rows
+from unitsface.registry import Registry
 
 
 class _RowReader:
@@ -231,3 +242,72 @@ class SGD(torch.optim.SGD):
                                ("history_start", torch.long)):
                 if key in state:
                     state[key] = state[key].to("cpu" if key != "row_step" else p.device, dtype)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW (decoupled weight decay). Nothing is updated lazily, so `catch_up` has nothing to do;
+    it exists so that the trainer treats every optimiser alike."""
+
+    def catch_up(self) -> None:
+        pass
+
+
+OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(groups: list[dict[str, Any]], lr: float, momentum: float, weight_decay: float,
+         lazy: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, lazy=lazy)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(groups: list[dict[str, Any]], lr: float, momentum: float, weight_decay: float,
+           lazy: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """betas (0.9, 0.999), eps 1e-8 (torch's defaults, as arcface_torch); `momentum` is not used."""
+    if list(lazy):
+        raise UnitsfaceError("train.sparse_update needs train.optimizer=sgd: the lazy row update reproduces "
+                             "SGD's momentum and weight decay, not AdamW's moments")
+    return AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def names() -> list[str]:
+    """The optimiser names `train.optimizer` accepts."""
+    return OPTIMIZERS.names()
+
+
+def build(name: str, groups: list[dict[str, Any]], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+          lazy: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """Optimiser `name` over `groups` (from `param_groups`); `lr` and `weight_decay` are the defaults of
+    groups that set none. Unknown names raise UnitsfaceError listing the known ones."""
+    return OPTIMIZERS.get(name)(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, lazy=lazy)
+
+
+_NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+
+
+def _exempt_from_decay(module: nn.Module, name: str) -> bool:
+    """Norm weights and biases, PReLU slopes, any parameter called `bias`, and a head's learned threshold bias."""
+    return isinstance(module, (*_NO_DECAY_MODULES, LearnedBias)) or name == "bias"
+
+
+def param_groups(backbone: nn.Module, head: nn.Module, lr: float, weight_decay: float, head_lr_scale: float = 1.0,
+                 no_decay_norm_bias: bool = False) -> list[dict[str, Any]]:
+    """The trainable parameters of `backbone` then `head`, grouped by (lr, weight decay).
+
+    Head parameters train at `lr · head_lr_scale`. With `no_decay_norm_bias`, norm weights, biases and
+    PReLU slopes get no weight decay: decay pulls a BatchNorm gamma or a PReLU slope towards 0, which
+    changes what the layer computes rather than regularising it. Groups with the same settings are
+    merged, in first-seen order, so the defaults give one group in module order (the layout of
+    checkpoints written before groups existed).
+    """
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()  # a parameter shared by two modules is optimised once
+    for part, scale in ((backbone, 1.0), (head, head_lr_scale)):
+        for module in part.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    decay = 0.0 if no_decay_norm_bias and _exempt_from_decay(module, name) else weight_decay
+                    groups.setdefault((lr * scale, decay), []).append(p)
+    return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]

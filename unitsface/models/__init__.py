@@ -9,19 +9,23 @@ Families (checkpoints refuse to load weights across them, methods.md §9.3):
 - lresnet: `lresnet18e_ir/34/50/100/200e_ir` (UniTSFace / UniFace / EPL LResNet-E-IR)
 - mobilefacenet: `mobilefacenet`
 - tinyfacenet: `tinyfacenet` (fast CPU net for tests and the demo; `input_size` kwarg)
+- vit: `vit_t/s/b/l` (insightface arcface_torch layout; `mask_ratio`, `drop_path`, `gradient_checkpointing`)
+
+`parameters(name)` lists the keywords a config may set for a backbone (`model.<keyword>`);
+`load_pretrained(model, path)` loads third-party or unitsface weights into a built model.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from unitsface.errors import UnitsfaceError
-from unitsface.models import iresnet, mobile  # noqa: F401  (modules register their names on import)
-from unitsface.models._base import BACKBONES, FAMILIES, INPUT_CONTRACT, FaceBackbone
+from unitsface.models import iresnet, mobile, vit  # noqa: F401  (modules register their names on import)
+from unitsface.models._base import BACKBONES, FAMILIES, INPUT_CONTRACT, PARAMETERS, FaceBackbone
+from unitsface.models.weights import LoadReport, load_matching, load_pretrained
 
 
 def names() -> list[str]:
@@ -29,20 +33,26 @@ def names() -> list[str]:
     return BACKBONES.names()
 
 
+def parameters(name: str) -> dict[str, Any]:
+    """The keywords backbone `name` accepts besides `embedding_size`, with their defaults."""
+    BACKBONES.get(name)  # raises the registry's clear error for an unknown name
+    return dict(PARAMETERS[name])
+
+
 def build(name: str, embedding_size: int = 512, **kwargs: Any) -> nn.Module:
     """Construct backbone `name` producing `embedding_size`-d embeddings; kwargs go to its constructor
-    (e.g. `dropout` for the ResNets, `input_size` for tinyfacenet). Unknown names or arguments raise
-    UnitsfaceError."""
+    (e.g. `dropout` for the ResNets, `input_size` for tinyfacenet, `mask_ratio` for the ViTs; see
+    `parameters(name)`). Unknown names or arguments raise UnitsfaceError."""
     factory = BACKBONES.get(name)
-    try:
-        inspect.signature(factory).bind(embedding_size=embedding_size, **kwargs)
-    except TypeError as exc:
-        raise UnitsfaceError(f"backbone {name!r}: {exc}") from None
+    unknown = sorted(set(kwargs) - set(PARAMETERS[name]))
+    if unknown:
+        accepted = ", ".join(sorted(PARAMETERS[name])) or "nothing besides embedding_size"
+        raise UnitsfaceError(f"backbone {name!r} has no parameter {unknown[0]!r}; it accepts: {accepted}")
     return factory(embedding_size=embedding_size, **kwargs)
 
 
 def family(name: str) -> str:
-    """The weight family of backbone `name` ("iresnet", "lresnet", "mobilefacenet", "tinyfacenet")."""
+    """The weight family of backbone `name` ("iresnet", "lresnet", "mobilefacenet", "tinyfacenet", "vit")."""
     BACKBONES.get(name)  # raises the registry's clear error for an unknown name
     return FAMILIES[name]
 
@@ -75,4 +85,5 @@ def clamp_prelu_(model: nn.Module, min_slope: float = 0.01) -> None:
             module.weight.clamp_(min=min_slope)
 
 
-__all__ = ["INPUT_CONTRACT", "FaceBackbone", "build", "clamp_prelu_", "family", "input_contract", "names"]
+__all__ = ["INPUT_CONTRACT", "FaceBackbone", "LoadReport", "build", "clamp_prelu_", "family", "input_contract",
+           "load_matching", "load_pretrained", "names", "parameters"]

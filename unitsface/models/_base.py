@@ -8,6 +8,7 @@ deployment must feed the network exactly what it was trained on; a silent mismat
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -22,6 +23,9 @@ INPUT_CONTRACT: dict[str, Any] = {"size": 112, "color": "rgb", "mean": 127.5, "s
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 # Registered name -> family; checkpoints refuse to load weights across families (methods.md §9.3).
 FAMILIES: dict[str, str] = {}
+# Registered name -> {keyword: default} a config may set (`model.<keyword>`); the fixed architecture
+# arguments (layers, widths) are not among them.
+PARAMETERS: dict[str, dict[str, Any]] = {}
 
 
 class FaceBackbone(nn.Module):
@@ -41,9 +45,20 @@ class FaceBackbone(nn.Module):
         self.input_contract: dict[str, Any] = {**INPUT_CONTRACT, "size": input_size}
 
 
-def register(name: str, cls: type[FaceBackbone], **fixed: Any) -> None:
-    """Register `cls(**fixed, embedding_size=..., **kwargs)` under `name` and record its family."""
-    factory: Callable[..., nn.Module] = functools.partial(cls, **fixed)
+def register(name: str, cls: type[FaceBackbone], defaults: dict[str, Any] | None = None, **fixed: Any) -> None:
+    """Register `cls(**fixed, embedding_size=..., **kwargs)` under `name` and record its family.
+
+    `fixed` arguments define the architecture (they change the weights' shapes); `defaults` override
+    the constructor's defaults of tunable keywords for this name (e.g. gradient checkpointing on for
+    the large ViTs) and can themselves be overridden at build time.
+    """
+    defaults = dict(defaults or {})
+    factory: Callable[..., nn.Module] = functools.partial(cls, **fixed, **defaults)
     BACKBONES.register(name)(factory)
     FAMILIES[name] = cls.family
+    signature = inspect.signature(cls)
+    PARAMETERS[name] = {
+        key: defaults.get(key, p.default) for key, p in signature.parameters.items()
+        if key not in fixed and key != "embedding_size" and p.default is not inspect.Parameter.empty
+    }
 

@@ -470,6 +470,15 @@ def _rows(pieces: list[_Piece], tensors: list[torch.Tensor], start: int, end: in
     return torch.cat(parts).clone()
 
 
+def head_rows(ckpt: dict[str, Any], path: str | Path, head: nn.Module) -> dict[str, torch.Tensor]:
+    """The head state of a checkpoint (as read by `read_checkpoint`) with this rank's class rows, whatever
+    the number of ranks that wrote it; no optimiser state (`train.init_from`)."""
+    names = sharded_names(head)
+    start, end = head.shard.start, head.shard.end
+    pieces = list(_pieces(ckpt, Path(path), names, {}, (start, end)))
+    return {**ckpt["head"], **{k: _rows(pieces, [p.head[k] for p in pieces], start, end) for k in names}}
+
+
 def load_checkpoint(path: str | Path, head: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A checkpoint written by any number of ranks, as this rank's trainer state: "head" and
     "optimizer" hold this rank's class rows, ready for `load_state_dict`."""

@@ -1,12 +1,20 @@
-"""What a run tells the user: a progress bar, `metrics.jsonl`, optionally TensorBoard.
+"""What a run tells the user: a progress bar, `metrics.jsonl`, optionally TensorBoard and Weights & Biases.
 
 Only rank 0 writes. One JSON object per logged optimiser step (and one per validation)
-is appended to `output/metrics.jsonl`, so a resumed run continues the same file.
+is appended to `output/metrics.jsonl`, so a resumed run continues the same file. TensorBoard
+and W&B get the same scalars, named `train/<key>` and `val/<set>/<metric>` (`.../tar_at_far/<far>`).
+
+W&B (`train.wandb`) is imported only when switched on. The run is named after the output
+folder and its id is kept in `output/wandb_run_id`, so a resumed run continues the same W&B
+run; project, entity and mode (e.g. `WANDB_MODE=offline`) come from wandb's environment
+variables (project default "unitsface"), and its files go to `WANDB_DIR` or the output folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +23,25 @@ from tqdm import tqdm
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.report import jsonable, summary
 from unitsface.evaluation.threshold import format_rate
+from unitsface.io import atomic_write
+
+
+def start_wandb(out: Path, config: dict[str, Any] | None) -> Any:
+    """A W&B run for the output folder `out` (the same run again when resumed)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UnitsfaceError("train.wandb=true needs the wandb package (pip install wandb)") from None
+    id_file = out / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+    atomic_write(id_file, run_id)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "unitsface"), name=out.name, id=run_id,
+                      resume="allow", config=config, dir=os.environ.get("WANDB_DIR", str(out)))
 
 
 class RunLogger:
     def __init__(self, out: Path, enabled: bool, total_steps: int, tensorboard: bool = False,
-                 resumed_at: int = 0) -> None:
+                 resumed_at: int = 0, wandb: bool = False, config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.metrics = open(out / "metrics.jsonl", "a") if enabled else None
         self.bar = tqdm(total=total_steps, initial=resumed_at, unit="step", dynamic_ncols=True,
@@ -33,6 +55,7 @@ class RunLogger:
                     "train.tensorboard=true needs the tensorboard package (pip install tensorboard)"
                 ) from None
             self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = start_wandb(out, config) if enabled and wandb else None
 
     def _write(self, record: dict[str, Any]) -> None:
         assert self.metrics is not None
@@ -50,10 +73,7 @@ class RunLogger:
         self._write(record)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", sps=f"{samples_per_s:.0f}",
                              **{k: f"{v:.4f}" for k, v in extra.items()})
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"train/{key}", value, step)
+        self._scalars({f"train/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step)
 
     def validation(self, step: int, epoch: int, results: dict[str, Any],
                    operating_points: dict[str, dict[str, Any]]) -> None:
@@ -75,11 +95,21 @@ class RunLogger:
                 text += f", t={point['threshold']:.3f} at TAR {point['tar']:.3f} FAR {format_rate(point['far'])}"
             parts.append(text)
         self.bar.write(" | ".join(parts) + f"  (step {step})")
+        scalars: dict[str, float] = {}
+        for name, values in summaries.items():
+            for metric, value in values.items():
+                if isinstance(value, dict):  # TAR at each FAR; None where the set has too few impostors
+                    scalars.update({f"val/{name}/{metric}/{far:g}": v for far, v in value.items() if v is not None})
+                elif value is not None:
+                    scalars[f"val/{name}/{metric}"] = value
+        self._scalars(scalars, step)
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is not None:
-            for name, values in summaries.items():
-                self.writer.add_scalar(f"val/{name}/auc", values["auc"], step)
-                if "accuracy" in values:
-                    self.writer.add_scalar(f"val/{name}/accuracy", values["accuracy"], step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self.bar.close()
@@ -87,6 +117,8 @@ class RunLogger:
             self.metrics.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -25,13 +25,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from unitsface import __version__, heads, models, optim, parallel
+from unitsface.config import backbone_params
 from unitsface.data.dataset import RecordDataset, make_loader, normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_images
 from unitsface.evaluation.sets import load_validation_sets
 from unitsface.evaluation.threshold import operating_point, primary_set
 from unitsface.training import distributed
-from unitsface.training.checkpoint import FORMAT, VERSION
+from unitsface.training.checkpoint import FORMAT, VERSION, load_checkpoint
 from unitsface.training.schedule import lr_factor
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images, int64 labels
@@ -119,7 +120,8 @@ class Trainer:
                                      max_bad_fraction=config["data"]["max_bad_fraction"])
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
-        self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"]).to(self.device)
+        self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"],
+                                  **backbone_params(config)).to(self.device)
         if mcfg["sync_batchnorm"]:  # global-batch BatchNorm statistics; no-op in one process
             self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net = distributed.wrap_model(self.model, self.device)  # DDP (summed gradients) when distributed
@@ -140,12 +142,13 @@ class Trainer:
         if self.cfg["max_steps"] is not None:
             self.total_steps = min(self.total_steps, self.cfg["max_steps"])
 
-        params = [p for p in list(self.model.parameters()) + list(self.head.parameters()) if p.requires_grad]
-        self.params = params
+        groups = optim.param_groups(self.model, self.head, self.cfg["lr"], self.cfg["weight_decay"],
+                                    self.cfg["head_lr_scale"], self.cfg["no_decay_norm_bias"])
+        self.params = [p for group in groups for p in group["params"]]
         proxies = self.head.proxy_weight()
         lazy = [proxies] if self.cfg["sparse_update"] and proxies is not None else []
-        self.optimizer = optim.SGD(params, lr=self.cfg["lr"], momentum=self.cfg["momentum"],
-                                   weight_decay=self.cfg["weight_decay"], lazy=lazy)
+        self.optimizer = optim.build(self.cfg["optimizer"], groups, lr=self.cfg["lr"], momentum=self.cfg["momentum"],
+                                     weight_decay=self.cfg["weight_decay"], lazy=lazy)
         self.grad_sync = distributed.GradientSync(self.model.parameters(), self.head)
         factor = lr_factor(self.cfg["schedule"], self.steps_per_epoch, self.cfg["epochs"], self.cfg["milestones"],
                            self.cfg["gamma"], self.cfg["warmup_epochs"], self.cfg["power"])
@@ -159,6 +162,8 @@ class Trainer:
         resume = distributed.auto_resume(self.out, resume)  # after a torchrun restart: output/last.pt
         if resume is not None:
             self.load_state(distributed.load_checkpoint(resume, self.head, self.optimizer))
+        else:  # a resumed run has its own weights
+            self.load_initial_weights()
 
     # ------------------------------------------------------------------ state
 
@@ -221,6 +226,30 @@ class Trainer:
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.operating_points = dict(meta.get("threshold_operating_point") or {})
         restore_rng(ckpt["rng"])
+
+    def load_initial_weights(self) -> None:
+        """`model.pretrained` (a backbone file of any known layout) or `train.init_from` (a unitsface run:
+        its backbone, and its head state when head and classes are the same); prints what was loaded."""
+        pretrained, init_from = self.config["model"]["pretrained"], self.cfg["init_from"]
+        messages = []
+        if pretrained is not None:
+            messages.append(models.load_pretrained(self.model, pretrained, f"model.pretrained {pretrained}").summary())
+        if init_from is not None:
+            ckpt = load_checkpoint(init_from)
+            source = f"train.init_from {init_from}"
+            backbone = models.load_pretrained(self.model, init_from, f"{source} (backbone)", weights=ckpt)
+            messages.append(backbone.summary())
+            meta = ckpt["meta"]
+            if (meta["head"], meta["num_classes"]) == (self.head_name, self.num_classes):
+                state = distributed.head_rows(ckpt, init_from, self.head)
+                messages.append(models.load_matching(self.head, state, f"{source} (head)").summary())
+            else:
+                messages.append(f"{source}: head not loaded (the checkpoint's is {meta['head']} over "
+                                f"{meta['num_classes']} classes, this run's {self.head_name} over {self.num_classes}); "
+                                "it starts fresh")
+        if self.main:
+            for message in messages:
+                print(message, flush=True)
 
     def save(self, name: str = "last.pt") -> Path:
         """Every rank calls this: with several ranks each writes its class shard (distributed.py)."""
@@ -303,7 +332,8 @@ class Trainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         log = RunLogger(self.out, enabled=self.main, total_steps=self.total_steps,
-                        tensorboard=self.cfg["tensorboard"], resumed_at=self.step)
+                        tensorboard=self.cfg["tensorboard"], resumed_at=self.step, wandb=self.cfg["wandb"],
+                        config=self.config)
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
         accum = self.cfg["grad_accumulation"]
