@@ -27,6 +27,14 @@ Every measurement prints one line ending in a JSON object; ratio lines follow (a
     python bench/head_scaling.py --pairs-only --classes 1000000 --steps 2 --warmup 1
     python bench/head_scaling.py --classes 100000 --heads cosface unitsface --updates dense
     python bench/head_scaling.py --device cuda --classes 1000000 2000000 --ranks 1
+    python bench/head_scaling.py --heads all --classes 100000 --strict-memory --steps 3 --warmup 1
+    python bench/head_scaling.py --heads cosface uss unitsface --classes 100000 --ranks 1 --baseline ../old-checkout
+
+`--strict-memory` requires the live-tensor memory reading (glibc) and checks what the column-loss engine
+promises for every head measured: per-rank peak on 1 rank ÷ 2 ranks ≥ 1.8, and each head's peak within
+1.5× cosface's at the same shape; one `check` line each, and exit status 1 if any fails. `--baseline PATH`
+runs PATH's own bench/head_scaling.py (an older checkout of unitsface) with the same timing settings in
+the same run, and prints this code's time per step ÷ the baseline's for every head both measured.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import json
 import os
 import resource
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +65,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt()
 # insightface PartialFC_V2 + CosFace on this kind of machine (1 gloo rank, B=128, d=512, SGD with
 # momentum and weight decay), ms/step, from the issue: {sample_rate: {C: ms}}.
 ANCHOR_MS = {1.0: {10_000: 137, 100_000: 2300, 1_000_000: 27_900}, 0.1: {10_000: 32, 100_000: 440, 1_000_000: 5800}}
+
+
+def head_specs(texts: list[str]) -> list[str]:
+    """The --heads list with `all` expanded to every registered head."""
+    return [name for text in texts for name in (heads.names() if text == "all" else [text])]
 
 
 def parse_head(spec: str) -> tuple[str, float]:
@@ -214,6 +228,8 @@ def measure_memory(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, 
     """Peak memory of the first step above the memory in use before the head was built (its state,
     optimiser state and temporaries); with bf16 state, the loss change. A process of its own."""
     live = args.device == "cpu" and track_live_memory()
+    if args.strict_memory and args.device == "cpu" and not live:
+        raise SystemExit("error: --strict-memory needs glibc to read live memory")
     step = HeadStep(args, spec)
     step(0)
     if step.device.type == "cuda":
@@ -344,6 +360,56 @@ def ratios(results: list[dict[str, Any]]) -> None:
                                                    "allocator": r["allocator"], "value": round(ratio, 3)})
 
 
+MEMORY_SHARDING, MEMORY_VS_COSFACE = 1.8, 1.5  # the column-loss engine's promises (--strict-memory)
+
+
+def memory_checks(results: list[dict[str, Any]]) -> bool:
+    """For every head measured on 1 and 2 ranks: 1-rank peak ÷ 2-rank peak ≥ 1.8, and its peak within 1.5× that
+    of cosface at the same shape. Prints one check line per head; True when all hold."""
+    def find(**key: Any) -> dict[str, Any] | None:
+        return next((r for r in results if all(r[k] == v for k, v in key.items())), None)
+
+    ok = True
+    for r in results:
+        if r["ranks"] != 1:
+            continue
+        same = {k: r[k] for k in ("sample_rate", "classes", "update")}
+        two, cosface = find(head=r["head"], ranks=2, **same), find(head="cosface", ranks=1, **same)
+        record = {"check": "memory", "head": r["head"], **same, "peak_mb_1rank": r["peak_mb_per_rank"]}
+        if two:
+            record["sharding_ratio"] = round(r["peak_mb_per_rank"] / max(two["peak_mb_per_rank"], 1e-9), 3)
+        if cosface:
+            record["vs_cosface"] = round(r["peak_mb_per_rank"] / max(cosface["peak_mb_per_rank"], 1e-9), 3)
+        passed = record.get("sharding_ratio", MEMORY_SHARDING) >= MEMORY_SHARDING and \
+            record.get("vs_cosface", 0.0) <= MEMORY_VS_COSFACE
+        ok &= passed
+        emit(f"check memory {r['head']} C={r['classes']}: 1/2 ranks {record.get('sharding_ratio', '–')} "
+             f"(>= {MEMORY_SHARDING}), vs cosface {record.get('vs_cosface', '–')} (<= {MEMORY_VS_COSFACE}): "
+             f"{'pass' if passed else 'FAIL'}", {**record, "pass": passed})
+    return ok
+
+
+def baseline_times(args: argparse.Namespace, path: str, names: list[str]) -> dict[str, float]:
+    """ms/step of `names` from another checkout's own head_scaling.py, run now with this run's timing settings."""
+    script = Path(path) / "bench" / "head_scaling.py"
+    if not script.is_file():
+        raise SystemExit(f"error: --baseline {path} has no bench/head_scaling.py")
+    known = subprocess.run([sys.executable, "-c", "import unitsface.heads as h; print(' '.join(h.names()))"],
+                           cwd=path, env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True, text=True)
+    names = [n for n in names if n in known.stdout.split()]
+    command = [sys.executable, str(script), "--heads", *names, "--classes", *map(str, args.classes), "--ranks", "1",
+               "--updates", "dense", "--batch", str(args.batch), "--dim", str(args.dim), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--allocator", args.allocator]
+    out = subprocess.run(command, cwd=path, env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True,
+                         text=True, check=True).stdout
+    times = {}
+    for line in out.splitlines():
+        if line.startswith("head_scaling "):
+            record = json.loads(line[line.index("{"):])
+            times[(record["head"], record["classes"])] = record["ms_per_step"]
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000])
@@ -363,7 +429,13 @@ def main() -> int:
                              "(cache_freed_memory), so that the OS's page faults stay out of the comparison")
     parser.add_argument("--pairs-only", action="store_true",
                         help="only the unitsface/cosface time ratios from alternated steps")
+    parser.add_argument("--strict-memory", action="store_true",
+                        help="require live memory readings and check sharding (1/2 ranks >= 1.8) and the peak vs "
+                             "cosface (<= 1.5x) for every head; exit 1 if a check fails")
+    parser.add_argument("--baseline", default=None, metavar="PATH",
+                        help="an older unitsface checkout: time the same heads with its code in this run")
     args = parser.parse_args()
+    args.heads = head_specs(args.heads)
     if args.pairs_only:
         args.heads = list(PAIR)
     results = []
@@ -380,13 +452,22 @@ def main() -> int:
                     emit(f"head_scaling {name}@{rate} C={classes} ranks={ranks} update={update}: "
                          f"{r['ms_per_step']:.1f} ms/step, peak {r['peak_mb_per_rank']:.0f} MB/rank", r)
     ratios(results)
+    if args.baseline:
+        baseline = baseline_times(args, args.baseline, [parse_head(h)[0] for h in args.heads if "@" not in h])
+        for r in results:
+            before = baseline.get((r["head"], r["classes"]))
+            if r["ranks"] == 1 and r["update"] == "dense" and r["sample_rate"] == 1.0 and before:
+                emit(f"ratio time this/baseline {r['head']} C={r['classes']}: {r['ms_per_step'] / before:.2f}",
+                     {"ratio": "time_this/baseline", "head": r["head"], "classes": r["classes"],
+                      "baseline_ms": before, "this_ms": r["ms_per_step"], "value": round(r["ms_per_step"] / before, 3)})
+    checks_ok = memory_checks(results) if args.strict_memory else True
     if set(PAIR) <= set(args.heads) and "dense" in args.updates:
         for classes in args.classes:
             for ranks in args.ranks:
                 p = run_pair(args, classes, ranks)
                 emit(f"ratio unitsface/cosface time C={classes} ranks={ranks}: {p['value']:.2f} (steps alternated in "
                      "one process; aim <= 1.6)", {"ratio": "unitsface/cosface_time", **p})
-    return 0
+    return 0 if checks_ok else 1
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ import torch
 
 from unitsface import models
 from unitsface.data.bins import save_bin
-from unitsface.data.images import encode_jpeg, to_face_image
+from unitsface.data.images import encode_jpeg, load_image, to_face_image
 from unitsface.evaluation.embed import to_input
 from unitsface.export.common import rendered_faces
 from unitsface.training.checkpoint import atomic_save
-from unitsface.verifier import load_image
 
 
 @functools.cache

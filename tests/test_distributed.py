@@ -599,9 +599,11 @@ def test_adamw_state_and_init_from_head_rows_reshard(tmp_path: Path, monkeypatch
         part_opt.load_state_dict(loaded["optimizer"])
         lo, hi = part.shard.start, part.shard.end
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(part_opt.state[part.weight][key], opt.state[head.weight][key][lo:hi]), key
-        assert torch.equal(part_opt.state[part.bias]["exp_avg"], opt.state[head.bias]["exp_avg"])
+            full = opt.state[head.proxies.weight][key]
+            assert torch.equal(part_opt.state[part.proxies.weight][key], full[lo:hi]), key
+        assert torch.equal(part_opt.state[part.bias.value]["exp_avg"], opt.state[head.bias.value]["exp_avg"])
         rows = distributed.head_rows(ckpt, tmp_path / "full.pt", part)
-        assert torch.equal(rows["weight"], head.weight.detach()[lo:hi])
-        assert torch.equal(rows["memory"], head.memory[lo:hi]) and torch.equal(rows["bias"], head.bias.detach())
+        assert torch.equal(rows["proxies.weight"], head.proxies.weight.detach()[lo:hi])
+        assert torch.equal(rows["memory.features"], head.memory.features[lo:hi])
+        assert torch.equal(rows["bias.value"], head.bias.value.detach())
         monkeypatch.undo()

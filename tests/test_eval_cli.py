@@ -17,12 +17,12 @@ from sklearn.metrics import roc_auc_score
 from unitsface.align import ARCFACE_TEMPLATE, warp_affine
 from unitsface.cli import main
 from unitsface.data.bins import save_bin
-from unitsface.data.images import encode_jpeg, to_face_image
+from unitsface.data.images import encode_jpeg, load_image, to_face_image
 from unitsface.evaluation import verification
 from unitsface.evaluation.megaface import evaluate_megaface
 from unitsface.evaluation.verification import evaluate_all_pairs, evaluate_pairs, l2_normalize
 from unitsface.export import export_onnx
-from unitsface.verifier import FaceVerifier, load_image
+from unitsface.verifier import FaceVerifier
 
 PEOPLE, SHOTS = 4, 3  # fake IJB release: 4 AT&T people, 3 loose crops each
 

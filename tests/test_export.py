@@ -11,12 +11,13 @@ import torch
 from deploy_helpers import HELDOUT_POINT, att_face, make_checkpoint
 
 from unitsface.cli import main
+from unitsface.data.images import load_image
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import to_input
 from unitsface.export import export_onnx, export_torchscript, load_onnx, read_metadata
 from unitsface.export.torchscript import EXTRA_FILE
-from unitsface.training.checkpoint import file_sha256, load_backbone
-from unitsface.verifier import load_image
+from unitsface.models import load_backbone
+from unitsface.training.checkpoint import file_sha256
 
 
 @pytest.fixture(scope="module")

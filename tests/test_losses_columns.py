@@ -140,7 +140,7 @@ def test_chunks_cover_the_columns_and_scale_with_the_shard(columns, batch):
     widest = max(c.end - c.start for c in chunks)
     if widest > LC.MIN_CHUNK_COLUMNS:  # rounding the width up adds at most one column
         assert batch * (widest - 1) <= columns * dim / LC.CHUNK_FRACTION
-    hits = sum(len(c.target_rows) for c in chunks)
+    hits = sum(int(c.targets.sum()) for c in chunks)
     assert hits == int((labels < columns).sum())
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 import warnings
 
 import numpy as np
@@ -336,7 +335,8 @@ def test_vit_t_exports_with_the_onnx_exporter(tmp_path) -> None:
     (random pixels and rendered faces) and here on other inputs with a fresh model."""
     pytest.importorskip("onnxruntime")
     from unitsface.export import export_onnx, load_onnx
-    from unitsface.training.checkpoint import atomic_save, load_backbone
+    from unitsface.models import load_backbone
+    from unitsface.training.checkpoint import atomic_save
 
     model = trained_stats("vit_t", 64)
     meta = {"backbone": "vit_t", "embedding_size": 64, "head": "cosface", "num_classes": 10, "threshold": None,
@@ -368,17 +368,3 @@ def test_onnx_export_matches_torch(name: str) -> None:
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def test_tinyfacenet_training_step_time(capsys) -> None:
-    """Forward+backward at batch 64 on the 2 test threads; printed for the record, not asserted."""
-    model = models.build("tinyfacenet").to(memory_format=torch.channels_last)
-    x = torch.randn(64, 3, 112, 112).to(memory_format=torch.channels_last)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        model(x).square().mean().backward()
-        times.append(time.perf_counter() - start)
-    with capsys.disabled():
-        print(f"\ntinyfacenet fwd+bwd batch 64, {torch.get_num_threads()} threads: "
-              f"best {min(times):.3f} s, median {sorted(times)[1]:.3f} s")

@@ -9,7 +9,7 @@ import pytest
 from deploy_helpers import onnx_sface
 
 from unitsface.cli import main
-from unitsface.training.checkpoint import load_backbone
+from unitsface.models import load_backbone
 
 
 def _json(capsys, *argv) -> dict:

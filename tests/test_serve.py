@@ -14,8 +14,9 @@ import pytest
 from deploy_helpers import att_bin, att_face, make_checkpoint
 
 from unitsface.data.bins import load_bin
+from unitsface.embedder import pair_scores
 from unitsface.evaluation.verification import far_frr_at
-from unitsface.verifier import FaceVerifier, pair_scores
+from unitsface.verifier import FaceVerifier
 
 IN_CI = bool(os.environ.get("CI"))
 if not IN_CI:  # in CI the serve extra is installed and these tests must run

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -289,14 +288,3 @@ def test_contact_sheet_and_preview_command(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(path)), sheet)
     assert syn.main(["--preview", str(path), "--identities", "0"]) == 2
     assert "error: contact sheet" in capsys.readouterr().err
-
-
-def test_generation_speed_is_reported():
-    """Prints images/s (render + JPEG, one process, 112 px); the numbers are for the report, not asserted."""
-    syn._render_jpegs((0, 0, 99, (0,), 112, 1.0))  # warm the per-process caches
-    start, jpegs = time.process_time(), []
-    for identity in range(8):
-        jpegs += syn._render_jpegs((0, syn.TRAIN_SPLIT, identity, tuple(range(25)), 112, 1.0))
-    elapsed = time.process_time() - start
-    print(f"\nsynthetic faces: {len(jpegs) / elapsed:.0f} images/s (CPU time, one core, 112 px, incl. JPEG)")
-    assert len(set(jpegs)) == len(jpegs) == 200

@@ -20,6 +20,7 @@ from unitsface.config import load_config
 from unitsface.data.dataset import normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_images
+from unitsface.models import load_backbone
 from unitsface.training.checkpoint import load_checkpoint
 from unitsface.training.trainer import Trainer, flip_batch
 
@@ -185,6 +186,57 @@ def test_accumulation_micro_batches_share_one_column_sample(cache, tmp_path):
     kept = accumulated.abs().sum(1) > 0
     assert kept.sum() == max(round(0.25 * 16), len(labels.unique())) and kept[labels].all()
     torch.testing.assert_close(accumulated, t.head.proxies.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_best_writes_the_best_validation_and_survives_resume(cache, tmp_path):
+    """train.keep_best: best.pt holds the step whose validation was best, read back from metrics.jsonl; a resumed
+    run keeps comparing against it."""
+    out = tmp_path / "best"
+    extra = ("head.name=cosface", "train.val_every=3", "train.keep_best=heldout:auc")
+    Trainer(tiny_config(cache, out, *extra, "train.max_steps=7")).fit()
+    Trainer(tiny_config(cache, out, *extra), resume=out / "last.pt").fit()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    aucs = {r["step"]: r["validation"]["heldout"]["auc"] for r in records if "validation" in r}
+    assert sorted(aucs) == [3, 6, 7, 9, 12, 15, 16]  # every 3 steps, and at the end of each run
+    best_step = max(aucs, key=lambda step: (aucs[step], -step))  # the first of equal bests
+    best = load_checkpoint(out / "best.pt")
+    assert best["step"] == best_step and best["best"] == {"metric": "heldout:auc", "value": aucs[best_step],
+                                                           "step": best_step}
+    assert load_checkpoint(out / "last.pt")["best"] == best["best"]
+    with pytest.raises(UnitsfaceError, match="train.keep_best 'loss': the metric must be one of"):
+        tiny_config(cache, out, "train.keep_best=loss")
+
+
+def test_weight_average_is_what_validates_deploys_and_resumes(cache, tmp_path):
+    """train.ema: the average follows w̄ ← d·w̄ + (1 − d)·w after every step (from a copy of the first weights), it
+    is the model validated and the backbone a checkpoint deploys, and resume continues it exactly."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("head.name=cosface", "train.ema=0.5")
+    trainer = Trainer(tiny_config(cache, full, *extra, "train.max_steps=2"))
+    weights = []
+    original = trainer.optimizer_step
+
+    def record() -> None:
+        original()
+        weights.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+
+    trainer.optimizer_step = record
+    trainer.fit()
+    ckpt = load_checkpoint(full / "last.pt")
+    key = "features.weight" if "features.weight" in ckpt["model"] else next(iter(ckpt["model"]))
+    expected = 0.5 * weights[0][key] + 0.5 * weights[1][key]  # n = 1 copies, n = 2 averages
+    torch.testing.assert_close(ckpt["model_ema"][key], expected)
+    assert ckpt["ema_updates"] == 2 and not torch.equal(ckpt["model_ema"][key], ckpt["model"][key])
+    model, meta = load_backbone(full / "last.pt")
+    torch.testing.assert_close(model.state_dict()[key], expected)
+    assert meta["ema"] == 0.5
+
+    Trainer(tiny_config(cache, tmp_path / "whole", *extra, "train.max_steps=5")).fit()
+    Trainer(tiny_config(cache, part, *extra, "train.max_steps=3")).fit()
+    Trainer(tiny_config(cache, part, *extra, "train.max_steps=5"), resume=part / "last.pt").fit()
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(part / "last.pt")
+    for name, value in a["model_ema"].items():
+        torch.testing.assert_close(b["model_ema"][name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):

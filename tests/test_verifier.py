@@ -15,7 +15,7 @@ from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import to_input
 from unitsface.evaluation.threshold import calibrate
 from unitsface.export import export_onnx, load_onnx
-from unitsface.training.checkpoint import load_backbone
+from unitsface.models import load_backbone
 from unitsface.verifier import sidecar_path
 
 

@@ -96,7 +96,7 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
 def digits_split(seed: int, test_fraction: float = 0.3) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test): scikit-learn's bundled 8×8 digits, pixels scaled to
     [0, 1], a stratified split drawn from `seed`."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn (slow to import) only for the digits benchmark
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 import yaml
 
+from unitsface import heads, models, optim
 from unitsface.errors import UnitsfaceError
+from unitsface.training.selection import ValidationMetric
 
 # Every key, with its default. `None` marks "optional, any of the listed types".
 DEFAULTS: dict[str, Any] = {
@@ -62,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",
         "log_every": 10,
         "val_every": 0,  # validate every N optimizer steps; 0: at the end of every epoch (and always at the end)
+        "keep_best": None,  # [SET:]accuracy|auc|eer|rank1|tar@FAR: write best.pt whenever it improves
+        "ema": None,  # decay of an exponential moving average of the weights, validated and deployed when set
         "checkpoint_every": 0,
         "tensorboard": False,
         "wandb": False,  # Weights & Biases (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE from the environment)
@@ -112,6 +116,8 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.log_every": (int,),
     "train.checkpoint_every": (int,),
     "train.val_every": (int,),
+    "train.keep_best": (str, type(None)),
+    "train.ema": (float, type(None)),
     "train.tensorboard": (bool,),
     "train.wandb": (bool,),
     "train.clamp_prelu": (float, int, type(None)),
@@ -221,8 +227,6 @@ def _check_types(section: str, given: dict[str, Any], accepted: dict[str, Any]) 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check types, choices and ranges of every key; check head and backbone parameters against their
     constructors."""
-    from unitsface import heads, models, optim
-
     extra = backbone_params(config)
     flat = _flatten({k: v for k, v in config.items() if k != "head"})
     for key, value in flat.items():
@@ -259,6 +263,10 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                              "row update reproduces SGD's momentum and weight decay, not another optimiser's state")
     if flat["train.head_lr_scale"] < 0:
         raise UnitsfaceError(f"config key 'train.head_lr_scale' must be >= 0, got {flat['train.head_lr_scale']}")
+    if flat["train.keep_best"] is not None:
+        ValidationMetric.parse(flat["train.keep_best"])
+    if flat["train.ema"] is not None and not 0.0 < flat["train.ema"] < 1.0:
+        raise UnitsfaceError(f"config key 'train.ema' must be a decay in (0, 1) such as 0.999, got {flat['train.ema']}")
     if flat["model.pretrained"] is not None and flat["train.init_from"] is not None:
         raise UnitsfaceError("model.pretrained and train.init_from both set: init_from already brings the backbone")
     backbone = flat["model.backbone"]
@@ -297,14 +305,10 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def _head_parameters(name: str) -> dict[str, Any] | None:
-    from unitsface import heads
-
     return heads.head_parameters(name) if name in heads.names() else None
 
 
 def _backbone_parameters(name: str) -> dict[str, Any] | None:
-    from unitsface import models
-
     if name not in models.names():
         return None
     return {**models.parameters(name), **{k: None for k in DEFAULTS["model"]}}

@@ -3,6 +3,10 @@
 Each module listed in `COMMANDS` defines `register(subparsers)`, which adds its parser
 and sets `func(args) -> int`. Bad input raises `UnitsfaceError`; `main` prints it as one
 line and exits 2 instead of showing a traceback.
+
+Every command module is imported to build the parser, so each imports what it runs (torch, onnx,
+the trainer, ...) inside its `func`: `unitsface --help` and a usage error answer at once. These
+local imports follow the command structure; none breaks an import cycle.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unitsface.data.bins import load_bin
+    from unitsface.embedder import pair_scores
     from unitsface.evaluation.threshold import calibrate, measure
-    from unitsface.verifier import pair_scores, write_calibration
+    from unitsface.verifier import write_calibration
 
     # Re-calibrating must work even when the stored calibration is stale, so it is not read then.
     verifier = load_verifier(args, calibration=args.far is None)

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from unitsface.data.images import list_images, load_image
     from unitsface.io import atomic_write
-    from unitsface.verifier import list_images, load_image
 
     out = Path(args.out)
     if out.suffix != ".npy":

@@ -24,7 +24,7 @@ import numpy as np
 from unitsface.errors import UnitsfaceError
 
 if TYPE_CHECKING:
-    from unitsface.verifier import FaceVerifier
+    from unitsface.embedder import Embedder
 
 FILE_CHUNK = 1024  # image files decoded and embedded at once
 
@@ -77,9 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------ embedding
-def load_embedder(args: argparse.Namespace) -> FaceVerifier:
+def load_embedder(args: argparse.Namespace) -> Embedder:
     from unitsface.cli.verify import parse_normalize
-    from unitsface.verifier import FaceVerifier
+    from unitsface.embedder import Embedder
 
     if not (args.checkpoint or args.onnx):
         raise UnitsfaceError("give a model: --checkpoint CKPT or --onnx MODEL")
@@ -90,7 +90,7 @@ def load_embedder(args: argparse.Namespace) -> FaceVerifier:
             options["normalize"] = parse_normalize(args.normalize)
         if args.color:
             options["color"] = args.color
-    return FaceVerifier.load(args.checkpoint or args.onnx, **options)
+    return Embedder.load(args.checkpoint or args.onnx, **options)
 
 
 def fit_face(image: np.ndarray, size: int, resize: str) -> np.ndarray:
@@ -105,19 +105,19 @@ def fit_face(image: np.ndarray, size: int, resize: str) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def embed_files(verifier: FaceVerifier, paths: Sequence[Path], flip: bool, batch_size: int,
+def embed_files(embedder: Embedder, paths: Sequence[Path], flip: bool, batch_size: int,
                 resize: str = "pad") -> np.ndarray:
     """Raw (flip-sum unless flip=False) embeddings of image files, FILE_CHUNK files in memory at a time."""
-    from unitsface.verifier import load_image
+    from unitsface.data.images import load_image
 
     parts = []
     for a in range(0, len(paths), FILE_CHUNK):
-        faces = np.stack([fit_face(load_image(p), verifier.size, resize) for p in paths[a : a + FILE_CHUNK]])
-        parts.append(verifier.raw_embeddings(faces, flip, batch_size))
+        faces = np.stack([fit_face(load_image(p), embedder.size, resize) for p in paths[a : a + FILE_CHUNK]])
+        parts.append(embedder.raw_embeddings(faces, flip, batch_size))
     return np.concatenate(parts)
 
 
-def embed_identity_folder(verifier: FaceVerifier, root: str | Path, flip: bool, batch_size: int,
+def embed_identity_folder(embedder: Embedder, root: str | Path, flip: bool, batch_size: int,
                           resize: str = "pad") -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, class index) of every image of a `root/<identity>/<img>` tree."""
     from unitsface.data.images import list_image_folder
@@ -125,12 +125,12 @@ def embed_identity_folder(verifier: FaceVerifier, root: str | Path, flip: bool, 
     if not Path(root).is_dir():
         raise UnitsfaceError(f"image folder not found: {root}")
     _, items = list_image_folder(root)
-    emb = embed_files(verifier, [p for p, _ in items], flip, batch_size, resize)
+    emb = embed_files(embedder, [p for p, _ in items], flip, batch_size, resize)
     return emb, np.array([label for _, label in items])
 
 
 # ------------------------------------------------------------------------------------ bin protocol
-def _pair_results(args: argparse.Namespace, verifier: FaceVerifier) -> dict[str, dict]:
+def _pair_results(args: argparse.Namespace, embedder: Embedder) -> dict[str, dict]:
     """evaluate_pairs results of every --bin set and of the --pairs list, by set name.
 
     Every file is read and checked before the first image is embedded: a bad last set fails at once.
@@ -148,10 +148,10 @@ def _pair_results(args: argparse.Namespace, verifier: FaceVerifier) -> dict[str,
             raise UnitsfaceError(f"{len(missing)} images named by {args.pairs} are missing, e.g. {root / missing[0]}")
     results = {}
     for name, (encoded, issame) in sets.items():
-        emb = verifier.embed_encoded(encoded, flip=flip, batch_size=args.batch_size)
+        emb = embedder.embed_encoded(encoded, flip=flip, batch_size=args.batch_size)
         results[name] = evaluate_pairs(emb[0::2], emb[1::2], issame)
     if args.pairs:
-        emb = embed_files(verifier, [root / name for name in distinct], flip, args.batch_size, args.resize)
+        emb = embed_files(embedder, [root / name for name in distinct], flip, args.batch_size, args.resize)
         row = {name: i for i, name in enumerate(distinct)}
         e1, e2 = emb[[row[n] for n in pairs.paths1]], emb[[row[n] for n in pairs.paths2]]
         results[root.name or "pairs"] = evaluate_pairs(e1, e2, pairs.issame, folds=pairs.folds)
@@ -172,11 +172,11 @@ def _run_pairs(args: argparse.Namespace) -> int:
     missing = [root for root in args.images_root if not Path(root).is_dir()]
     if missing:
         raise UnitsfaceError(f"image folder not found: {missing[0]}")
-    verifier = load_embedder(args)
-    pair_results = _pair_results(args, verifier)
+    embedder = load_embedder(args)
+    pair_results = _pair_results(args, embedder)
     folder_results = {}
     for root in args.images_root:
-        emb, labels = embed_identity_folder(verifier, root, not args.no_flip, args.batch_size, args.resize)
+        emb, labels = embed_identity_folder(embedder, root, not args.no_flip, args.batch_size, args.resize)
         folder_results[Path(root).name] = evaluate_all_pairs(emb, labels)
     if args.out:
         write_report(Path(args.out), pair_results, {"model": args.checkpoint or args.onnx})
@@ -199,10 +199,10 @@ def _run_ijb(args: argparse.Namespace) -> int:
         raise UnitsfaceError("eval ijb needs --root, the folder of the IJB release")
     mode = ijb_mode(args.mode) if args.mode else None
     meta = read_release(args.root, args.name)  # bad meta files fail before a model is loaded
-    verifier = None if args.features else load_embedder(args)
+    embedder = None if args.features else load_embedder(args)
     quiet = True if args.features else None  # None: a bar on a terminal only
     with tqdm(total=len(meta.image_names), unit="img", desc="embedding", disable=quiet) as bar:
-        out = run_ijb(meta, args.name, verifier, args.features, args.save_features, mode, args.all_modes,
+        out = run_ijb(meta, args.name, embedder, args.features, args.save_features, mode, args.all_modes,
                       not args.no_flip, args.batch_size, args.workers, bar.update)
     print(json.dumps(ijb_json(out)) if args.json else out["table"])
     return 0
@@ -220,20 +220,20 @@ def _npy(path: str | Path, what: str, mmap: bool = False) -> np.ndarray:
 
 def _megaface_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(probe features, probe identities, distractor blocks) from .npy files or image folders."""
-    from unitsface.verifier import list_images
+    from unitsface.data.images import list_images
 
     if not args.probe or not args.distractors:
         raise UnitsfaceError("eval megaface needs --probe and --distractors")
     folders = [s for s in [args.probe, *args.distractors] if Path(s).is_dir()]
-    verifier = load_embedder(args) if folders else None
+    embedder = load_embedder(args) if folders else None
     flip = not args.no_flip
     if Path(args.probe).is_dir():
-        probe, labels = embed_identity_folder(verifier, args.probe, flip, args.batch_size)
+        probe, labels = embed_identity_folder(embedder, args.probe, flip, args.batch_size)
     else:
         if not args.probe_labels:
             raise UnitsfaceError("a .npy --probe needs --probe-labels LABELS.npy (one identity per row)")
         probe, labels = _npy(args.probe, "probe features"), _npy(args.probe_labels, "probe labels")
-    distractors = [embed_files(verifier, list_images(s), flip, args.batch_size) if Path(s).is_dir()
+    distractors = [embed_files(embedder, list_images(s), flip, args.batch_size) if Path(s).is_dir()
                    else _npy(s, "distractor features", mmap=True) for s in args.distractors]
     for source, block in zip(args.distractors, distractors):
         if block.ndim != 2:

@@ -38,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unitsface.data.images import list_images, load_image
     from unitsface.evaluation.threshold import exported_point
     from unitsface.export import TOLERANCE, export_onnx, export_torchscript
-    from unitsface.verifier import list_images, load_image
 
     if not (args.onnx or args.torchscript):
         raise UnitsfaceError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt")

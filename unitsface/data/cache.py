@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from unitsface.data.synthetic import GENERATOR_VERSION, write_synthetic_dataset
+
 
 def default_cache() -> Path:
     """$UNITSFACE_CACHE, else $XDG_CACHE_HOME/unitsface, else ~/.cache/unitsface."""
@@ -22,8 +24,6 @@ def cached_synthetic_dataset(
     heldout_identities: int = 100, heldout_images: int = 8,
 ) -> Path:
     """The folder of the synthetic set with these parameters, generating it on first use."""
-    from unitsface.data.synthetic import GENERATOR_VERSION, write_synthetic_dataset
-
     root = Path(cache).expanduser() if cache else default_cache()
     folder = root / (f"synthetic-v{GENERATOR_VERSION}-{identities}x{images_per_identity}-s{seed}-p{val_pairs}"
                      f"-h{heldout_identities}x{heldout_images}")

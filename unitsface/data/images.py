@@ -136,3 +136,33 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
     if not items:
         raise UnitsfaceError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<identity>/")
     return classes, items
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as an H×W×3 uint8 RGB array; UnitsfaceError naming the file if it can't be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UnitsfaceError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return decode(data, source=str(path))
+
+
+def list_images(spec: str | os.PathLike) -> list[Path]:
+    """Image paths from a folder (searched recursively, sorted) or a text file of paths, one a line.
+
+    Relative paths in a list file are taken relative to the list file's folder, so a list and
+    its images can move together; blank lines and lines starting with '#' are skipped.
+    """
+    spec = Path(spec)
+    if spec.is_dir():
+        paths = sorted(p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise UnitsfaceError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {spec}")
+        return paths
+    if not spec.is_file():
+        raise UnitsfaceError(f"images not found: {spec} is neither a folder nor a list file")
+    lines = [line.strip() for line in spec.read_text().splitlines()]
+    paths = [spec.parent / line for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UnitsfaceError(f"list file {spec} names no images")
+    return paths

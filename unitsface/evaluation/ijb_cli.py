@@ -14,18 +14,16 @@ import itertools
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from unitsface.align import align_face
+from unitsface.data.images import load_image
+from unitsface.embedder import Embedder
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.ijb import IJBMeta, evaluate_ijb, read_ijb_meta
 from unitsface.evaluation.report import format_ijb_table, jsonable
 from unitsface.io import atomic_open
-
-if TYPE_CHECKING:
-    from unitsface.verifier import FaceVerifier
 
 IJB_NAMES = ("IJBB", "IJBC")
 DEFAULT_MODE = {"flip": True, "norm_score": True, "detector_score": True}  # insightface's N1D1F1
@@ -55,8 +53,6 @@ def image_paths(meta: IJBMeta) -> list[Path]:
 
 def aligned_face(task: tuple[Path, np.ndarray, int]) -> np.ndarray:
     """One loose crop aligned to the size×size template by its five landmarks (RGB uint8)."""
-    from unitsface.verifier import load_image
-
     path, landmarks, size = task
     return align_face(load_image(path), landmarks, size)
 
@@ -74,7 +70,7 @@ def _aligned_chunks(tasks: Sequence[tuple[Path, np.ndarray, int]], workers: int)
 
 def embed_ijb(
     meta: IJBMeta,
-    verifier: FaceVerifier,
+    embedder: Embedder,
     flip: bool = True,
     batch_size: int = 64,
     workers: int = 1,
@@ -86,13 +82,13 @@ def embed_ijb(
     scores as flip=none (the sum 2f normalises to the same template features).
     """
     paths = image_paths(meta)
-    tasks = [(p, lm, verifier.size) for p, lm in zip(paths, meta.landmarks)]
+    tasks = [(p, lm, embedder.size) for p, lm in zip(paths, meta.landmarks)]
     out: np.ndarray | None = None  # allocated once d is known: IJB-C at d=512 is 1.9 GB, never held twice
     done = 0
     for faces in _aligned_chunks(tasks, workers):
-        f = verifier.raw_embeddings(faces, flip=False, batch_size=batch_size)
+        f = embedder.raw_embeddings(faces, flip=False, batch_size=batch_size)
         if flip:
-            mirrored = verifier.raw_embeddings(np.ascontiguousarray(faces[:, :, ::-1]), flip=False,
+            mirrored = embedder.raw_embeddings(np.ascontiguousarray(faces[:, :, ::-1]), flip=False,
                                                batch_size=batch_size)
         else:
             mirrored = f
@@ -151,7 +147,7 @@ def mode_letters(mode: dict[str, bool]) -> str:
 def run_ijb(
     meta: IJBMeta,
     name: str,
-    verifier: FaceVerifier | None = None,
+    embedder: Embedder | None = None,
     features: str | Path | None = None,
     save_to: str | Path | None = None,
     mode: dict[str, bool] | None = None,
@@ -161,16 +157,16 @@ def run_ijb(
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """IJB 1:1 of a release (`read_release`) for a model (`verifier`) or a features file; returns {"set",
+    """IJB 1:1 of a release (`read_release`) for a model (`embedder`) or a features file; returns {"set",
     "n_images", "results": {letters: evaluate_ijb result}, "table"}. `flip=False`: no mirror images."""
-    if (verifier is None) == (features is None):
+    if (embedder is None) == (features is None):
         raise UnitsfaceError("IJB needs exactly one source: a model (--checkpoint/--onnx) or --features FILE.npy")
-    if save_to is not None and verifier is None:
+    if save_to is not None and embedder is None:
         raise UnitsfaceError("--save-features needs a model to embed with; the features given are already saved")
     if save_to is not None:
         _check_writable(Path(save_to))  # before hours of embedding, not after
-    if verifier is not None:
-        feats = embed_ijb(meta, verifier, flip, batch_size, workers, progress)
+    if embedder is not None:
+        feats = embed_ijb(meta, embedder, flip, batch_size, workers, progress)
         if save_to is not None:
             save_features(save_to, feats)
     else:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from unitsface.evaluation.threshold import describe, format_rate
 from unitsface.io import atomic_open, atomic_write
 
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -90,8 +91,6 @@ def format_overview(results: Mapping[str, dict]) -> str:
 
 def format_operating_points(points: Mapping[str, dict]) -> str:
     """The learned threshold's operating point on each set: a sentence each, then a table."""
-    from unitsface.evaluation.threshold import describe, format_rate
-
     far_keys = list(next(iter(points.values()))["threshold_at_far"])
     lines = [f"- {describe(point, name)}." for name, point in points.items()]
     head = ["set", "convention", "threshold", "TAR (%)", "FAR", "genuine / impostor pairs"] + \
@@ -146,7 +145,7 @@ def _thin_for_plot(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def plot_roc(curves: Curves, path: Union[str, Path], title: str = "ROC") -> Path:
     """Overlay labelled ROC curves (label -> (fpr, tpr)) on a log-FAR axis and save a PNG atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib only where a plot is drawn
     from matplotlib.figure import Figure
 
     path = Path(path)
@@ -181,7 +180,7 @@ def plot_threshold(history: Mapping[str, Any], scores: np.ndarray, issame: np.nd
 
     `history`: {"steps": [...], "threshold": [...], "validations": [(step, operating point), ...]}.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib only where a plot is drawn
     from matplotlib.figure import Figure
 
     path = Path(path)

@@ -17,10 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from unitsface.data import synthetic
+from unitsface.data.images import to_face_image
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import to_input
 from unitsface.evaluation.threshold import learned_point
-from unitsface.training.checkpoint import file_sha256, load_backbone
+from unitsface.models import load_backbone
+from unitsface.training.checkpoint import file_sha256
 
 FORMAT_VERSION = 1
 TOLERANCE = 1e-4  # max abs difference allowed between exported and PyTorch outputs (float32)
@@ -131,8 +134,6 @@ def pixel_stats(mean: Any, std: Any) -> tuple[float | torch.Tensor, float | torc
 
 def rendered_faces(size: int, count: int) -> np.ndarray:
     """Synthetic faces from the project's renderer: realistic pixel statistics, no data needed."""
-    from unitsface.data import synthetic
-
     split = synthetic.VAL_SPLIT
     return np.stack([
         synthetic.render_face(synthetic.identity_params(0, split, i), synthetic.nuisance_params(0, split, i, 0), size)
@@ -150,8 +151,6 @@ def check_batches(exportable: Exportable, images: Sequence[np.ndarray] = (), cou
         "faces": to_input(rendered_faces(size, count), mean, std),
     }
     if len(images):
-        from unitsface.data.images import to_face_image
-
         batches["images"] = to_input(np.stack([to_face_image(img, size) for img in images]), mean, std)
     return batches
 

@@ -73,18 +73,12 @@ class ColumnSpec:
 
 
 class _Chunk:
-    """Columns [start, end) of the rows, with the step's target entries that fall in them."""
+    """Columns [start, end) of the rows, with a B×w mask of the step's target entries among them (a mask, not
+    indices: finding indices would cost a device-to-host round trip per chunk)."""
 
     def __init__(self, start: int, end: int, labels: torch.Tensor) -> None:
         self.start, self.end = start, end
-        inside = (labels >= start) & (labels < end)
-        self.target_rows = inside.nonzero().squeeze(1)  # batch rows whose class is a column here
-        self.target_columns = labels[self.target_rows] - start
-
-    @property
-    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch row, chunk column) index pair of every target entry in the chunk."""
-        return self.target_rows, self.target_columns
+        self.targets = labels.unsqueeze(1) == torch.arange(start, end, device=labels.device)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """These rows in fp32: a view of fp32 rows, a chunk-sized copy of bf16/fp16 ones."""
@@ -146,7 +140,7 @@ class _Columns:
             z = spec.negatives(c).mul_(spec.s)
         if self.bias is not None:
             z = z.sub_(self.bias if self.bias.numel() == 1 else self.bias[chunk.start : chunk.end])
-        z[chunk.targets] = -math.inf
+        z.masked_fill_(chunk.targets, -math.inf)
         if self.valid is not None:
             z.masked_fill_(~self.valid[chunk.start : chunk.end], -math.inf)
         return z, slope

@@ -17,6 +17,7 @@ Families (checkpoints refuse to load weights across them, methods.md §9.3):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from unitsface.errors import UnitsfaceError
 from unitsface.models import iresnet, mobile, vit  # noqa: F401  (modules register their names on import)
 from unitsface.models._base import BACKBONES, FAMILIES, INPUT_CONTRACT, PARAMETERS, FaceBackbone
 from unitsface.models.weights import LoadReport, load_matching, load_pretrained
+from unitsface.training.checkpoint import load_checkpoint
 
 
 def names() -> list[str]:
@@ -87,3 +89,18 @@ def clamp_prelu_(model: nn.Module, min_slope: float = 0.01) -> None:
 
 __all__ = ["INPUT_CONTRACT", "FaceBackbone", "LoadReport", "build", "clamp_prelu_", "family", "input_contract",
            "load_matching", "load_pretrained", "names", "parameters"]
+
+
+def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained backbone of a unitsface checkpoint in eval mode — the weight average when the run kept one
+    (`train.ema`: what it validated) — and the checkpoint's `meta` (threshold and its operating point, input
+    contract...)."""
+    ckpt = load_checkpoint(path)
+    meta = dict(ckpt["meta"])
+    model = build(meta["backbone"], embedding_size=int(meta["embedding_size"]))
+    try:
+        model.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
+    except RuntimeError as exc:
+        raise UnitsfaceError(f"{path}: weights do not fit backbone {meta['backbone']!r}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), meta

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from unitsface.errors import UnitsfaceError
+from unitsface.models._base import FAMILIES
+from unitsface.training.checkpoint import FORMAT, VERSION
 
 MIN_FIT = 0.5  # a layout "fits" when its names cover at least this fraction of the model's tensors
 
@@ -135,16 +137,15 @@ def _tensors(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _unitsface(obj: Any, model: nn.Module) -> Converted | None:
-    from unitsface.models import family
-    from unitsface.training.checkpoint import FORMAT, VERSION
-
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         return None
     if obj.get("version", 0) > VERSION:
         raise UnitsfaceError(f"checkpoint version {obj['version']}; this unitsface reads {VERSION}")
     backbone = obj["meta"]["backbone"]
-    if family(backbone) != getattr(model, "family", None):
-        raise UnitsfaceError(f"the checkpoint's backbone {backbone!r} ({family(backbone)} family) cannot be loaded "
+    if backbone not in FAMILIES:
+        raise UnitsfaceError(f"the checkpoint's backbone {backbone!r} is not one this unitsface knows")
+    if FAMILIES[backbone] != getattr(model, "family", None):
+        raise UnitsfaceError(f"the checkpoint's backbone {backbone!r} ({FAMILIES[backbone]} family) cannot be loaded "
                              f"into a {getattr(model, 'family', type(model).__name__)} backbone")
     return obj["model"], [f"from a unitsface {backbone} checkpoint at step {obj.get('step', '?')}"]
 

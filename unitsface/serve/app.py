@@ -27,11 +27,13 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from unitsface.data.bins import load_bin
 from unitsface.data.images import decode, encode_png, image_size, to_face_image
+from unitsface.embedder import pair_scores
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.threshold import measure
 from unitsface.serve.histogram import histogram_svg
-from unitsface.verifier import FaceVerifier, pair_scores
+from unitsface.verifier import FaceVerifier
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding
@@ -86,8 +88,6 @@ class Samples:
 
 def _validation(verifier: FaceVerifier, val_bin: Path, samples: Samples) -> dict[str, Any]:
     """Scores of the validation pairs, their histogram, and sample faces from one pair of each kind."""
-    from unitsface.data.bins import load_bin
-
     encoded, issame = load_bin(val_bin)
     scores = pair_scores(verifier, encoded)
     for kind, wanted in (("genuine", True), ("impostor", False)):

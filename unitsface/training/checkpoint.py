@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from unitsface.errors import UnitsfaceError
 from unitsface.io import atomic_open
@@ -61,18 +60,3 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained backbone in eval mode plus the checkpoint's `meta` (threshold, input contract...)."""
-    from unitsface import models
-
-    ckpt = load_checkpoint(path)
-    meta = dict(ckpt["meta"])
-    model = models.build(meta["backbone"], embedding_size=int(meta["embedding_size"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UnitsfaceError(f"{path}: weights do not fit backbone {meta['backbone']!r}: "
-                             f"{str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), meta

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from unitsface.config import validate
 from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
 from unitsface.evaluation.embed import embed_images
-from unitsface.evaluation.report import is_pair_result
+from unitsface.evaluation.report import is_pair_result, markdown_table, mean_std
 from unitsface.evaluation.threshold import balanced_threshold
 from unitsface.evaluation.verification import evaluate_all_pairs, roc_curve, tar_at_far
 from unitsface.training.trainer import Trainer
@@ -69,8 +70,6 @@ def measure_run(trainer: Trainer, val_results: dict[str, Any], faces: np.ndarray
 def compare_heads(base: dict[str, Any], heads: list[str], seeds: list[int], out: Path,
                   test_identities: int = 200, test_images: int = 8) -> dict[str, list[dict[str, Any]]]:
     """Train every (head, seed) with `base` (a validated config) and measure it; returns head -> runs."""
-    from unitsface.config import validate
-
     seed = base["data"]["synthetic"]["seed"] if base["data"]["train"] == "synthetic" else 0
     faces, labels = render_identities(seed, HELDOUT_SPLIT, test_identities, test_images)
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -90,8 +89,6 @@ def compare_heads(base: dict[str, Any], heads: list[str], seeds: list[int], out:
 
 def results_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: mean ± std over seeds per head."""
-    from unitsface.evaluation.report import markdown_table, mean_std
-
     val_names = list(next(iter(runs.values()))[0]["val"])
     headers = ["head", *(f"{n} 10-fold acc %" for n in val_names), "TAR@FAR=1e-3 %", "TAR@FAR=1e-4 %",
                "fixed threshold (source)", "fixed-threshold acc %", "gap to optimal t"]

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
@@ -101,16 +102,21 @@ def seed_rank(seed: int) -> None:
         torch.manual_seed(rank_seed(seed))
 
 
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a decision only rank 0 can make, such as writing best.pt)."""
+    if not parallel.is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def auto_resume(out: Path, resume: str | Path | None) -> str | Path | None:
     """`out/last.pt` when torchrun has restarted the workers (TORCHELASTIC_RESTART_COUNT > 0) and it
     exists, else `resume`. Rank 0 decides, so every rank resumes from the same place."""
-    choice: list[Any] = [resume]
     last = Path(out) / "last.pt"
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and last.is_file():
-        choice = [last]
-    if parallel.is_distributed():
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and last.is_file()
+    return broadcast_from_main(last if restarted else resume)
 
 
 # --------------------------------------------------------------------------- gradients
@@ -145,8 +151,6 @@ def grad_scaler(enabled: bool) -> torch.amp.GradScaler:
     """fp16 loss scaling; across ranks the scaler agrees on skipping a step when any rank saw inf/NaN
     (a rank skipping alone would desynchronise the backbone)."""
     if enabled and parallel.is_distributed():
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         return ShardedGradScaler("cuda")
     return torch.amp.GradScaler("cuda", enabled=enabled)
 

@@ -36,6 +36,7 @@ from unitsface.evaluation.embed import embed_images
 from unitsface.evaluation.report import markdown_table, mean_std
 from unitsface.evaluation.threshold import balanced_threshold, rates_at
 from unitsface.evaluation.verification import evaluate_all_pairs, threshold_at_far
+from unitsface.io import atomic_open
 from unitsface.training.trainer import Trainer
 
 STUDY_HEADS = ("unitsface", "uss", "uce", "bce", "cosface")
@@ -229,10 +230,8 @@ def fit_summary(records: list[dict[str, Any]]) -> str:
 def plot_study(records: list[dict[str, Any]], path: Path) -> Path:
     """FAR at the learned threshold against C (log-log), one colour per head, one marker per budget, with
     the calibrated reference and lines k/C; beside it the TAR at t against the TAR at FAR 1e-3."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib only where a plot is drawn
     from matplotlib.figure import Figure
-
-    from unitsface.io import atomic_open
 
     fig = Figure(figsize=(11, 4.4))
     FigureCanvasAgg(fig)

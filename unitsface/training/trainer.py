@@ -22,18 +22,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from unitsface import __version__, heads, models, optim, parallel
 from unitsface.config import backbone_params
+from unitsface.data.cache import cached_synthetic_dataset
 from unitsface.data.dataset import RecordDataset, make_loader, normalize_batch
+from unitsface.data.synthetic import HELDOUT_FOLDER
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_images
+from unitsface.evaluation.report import plot_threshold, write_report
 from unitsface.evaluation.sets import load_validation_sets
 from unitsface.evaluation.threshold import operating_point, primary_set
 from unitsface.training import distributed
 from unitsface.training.checkpoint import FORMAT, VERSION, load_checkpoint
+from unitsface.training.logging import RunLogger, threshold_history
 from unitsface.training.schedule import lr_factor
+from unitsface.training.selection import ValidationMetric
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images, int64 labels
 
@@ -56,9 +62,6 @@ def resolve_data(config: dict[str, Any]) -> tuple[Path, list[Path]]:
     data = config["data"]
     val = [Path(p).expanduser() for p in data["val"]]
     if data["train"] == "synthetic":
-        from unitsface.data.cache import cached_synthetic_dataset
-        from unitsface.data.synthetic import HELDOUT_FOLDER
-
         folder = cached_synthetic_dataset(cache=data["cache"], **data["synthetic"])
         val = val or [folder / "val.bin", folder / HELDOUT_FOLDER]
     else:
@@ -154,6 +157,11 @@ class Trainer:
                            self.cfg["gamma"], self.cfg["warmup_epochs"], self.cfg["power"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.scaler = distributed.grad_scaler(self.cfg["amp"] == "fp16")
+        # The weights validated and deployed: an exponential moving average of the backbone when train.ema is set.
+        self.ema = None if self.cfg["ema"] is None else AveragedModel(
+            self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg["ema"]), use_buffers=True)
+        self.keep_best = None if self.cfg["keep_best"] is None else ValidationMetric.parse(self.cfg["keep_best"])
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of best.pt
         self.step = 0
         self.skipped_steps = 0
         # Read once, up front (a bad set fails in the first second); only rank 0 validates.
@@ -183,12 +191,17 @@ class Trainer:
             "threshold": None if threshold is None else float(threshold),
             "threshold_operating_point": self.operating_points,
             "threshold_set": primary_set(self.operating_points),
+            "ema": self.cfg["ema"],  # the deployed weights ("model_ema") are the moving average when set
             "input": models.input_contract(self.model),
             "unitsface_version": __version__,
         }
 
     def state(self) -> dict[str, Any]:
+        averaged = {} if self.ema is None else {"model_ema": self.ema.module.state_dict(),
+                                                "ema_updates": int(self.ema.n_averaged)}
         return {
+            **averaged,
+            "best": self.best,
             "format": FORMAT,
             "version": VERSION,
             "config": self.config,
@@ -225,6 +238,10 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.operating_points = dict(meta.get("threshold_operating_point") or {})
+        self.best = ckpt.get("best")
+        if self.ema is not None and "model_ema" in ckpt:  # else the average starts again from these weights
+            self.ema.module.load_state_dict(ckpt["model_ema"])
+            self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
         restore_rng(ckpt["rng"])
 
     def load_initial_weights(self) -> None:
@@ -298,6 +315,8 @@ class Trainer:
             self.skipped_steps += 1  # N6: GradScaler skipped a step with inf/NaN gradients
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         if self.cfg["clamp_prelu"] is not None:
             models.clamp_prelu_(self.model, self.cfg["clamp_prelu"])
         self.step += 1
@@ -328,8 +347,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `train.epochs` (or `train.max_steps`), validating every `train.val_every` steps (0: after every
         epoch) and at the end, with a checkpoint at every validation and epoch end."""
-        from unitsface.training.logging import RunLogger
-
         self.out.mkdir(parents=True, exist_ok=True)
         log = RunLogger(self.out, enabled=self.main, total_steps=self.total_steps,
                         tensorboard=self.cfg["tensorboard"], resumed_at=self.step, wandb=self.cfg["wandb"],
@@ -354,11 +371,15 @@ class Trainer:
                     epoch_end, done = self.step % self.steps_per_epoch == 0, self.step >= self.total_steps
                     every = self.cfg["val_every"]
                     validating = done or (self.step % every == 0 if every else epoch_end)
+                    improved = False
                     if validating:
                         results = self.validate()  # before the checkpoint, which then carries the operating points
+                        improved = self.track_best(results)
                     if validating or epoch_end or (self.cfg["checkpoint_every"]
                                                    and self.step % self.cfg["checkpoint_every"] == 0):
                         self.save()
+                    if improved:
+                        self.save("best.pt")
                     if validating:
                         log.validation(self.step, epoch, results, self.operating_points)
                     tick = time.perf_counter()
@@ -387,9 +408,10 @@ class Trainer:
         if not self.main:
             return {}
         thresholds = self.head.learned_thresholds()
+        model = self.model if self.ema is None else self.ema.module
         results, points = {}, {}
         for val_set in self.val_sets:
-            emb = embed_images(self.model, val_set.images, batch_size=128, device=self.device)
+            emb = embed_images(model, val_set.images, batch_size=128, device=self.device)
             results[val_set.name] = result = val_set.evaluate(emb)
             if thresholds:
                 pairs = result["pair_scores"]
@@ -397,11 +419,20 @@ class Trainer:
         self.operating_points = points
         return results
 
+    def track_best(self, results: dict[str, Any]) -> bool:
+        """Whether `train.keep_best` improved with these results (rank 0 reads them, every rank gets the answer,
+        since writing best.pt is collective)."""
+        if self.keep_best is None:
+            return False
+        improved = False
+        if self.main:
+            value = self.keep_best.read(results)
+            if self.keep_best.better(value, None if self.best is None else self.best["value"]):
+                self.best, improved = {"metric": self.cfg["keep_best"], "value": value, "step": self.step}, True
+        return distributed.broadcast_from_main(improved)
+
     def write_report(self, results: dict[str, Any]) -> None:
         """report.md, roc.png, metrics.json, and threshold.png for a head with a learned threshold."""
-        from unitsface.evaluation.report import plot_threshold, write_report
-        from unitsface.training.logging import threshold_history
-
         extra = {
             "backbone": self.config["model"]["backbone"],
             "head": self.head_name,
