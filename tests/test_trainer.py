@@ -239,6 +239,96 @@ def test_weight_average_is_what_validates_deploys_and_resumes(cache, tmp_path):
         torch.testing.assert_close(b["model_ema"][name], value, rtol=1e-5, atol=1e-6)
 
 
+HOST_READS = [(torch.Tensor, name) for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__",
+                                                "__index__", "nonzero", "unique")]
+HOST_READS += [(torch, "nonzero"), (torch, "unique")]
+
+
+@pytest.mark.parametrize("head", ["cosface", "unitsface", "uce"])
+def test_training_steps_read_nothing_off_the_device_between_logs(cache, tmp_path, monkeypatch, head):
+    """Issue 13: between two logged steps a training step asks the device for nothing. On CUDA each of these
+    calls (a Python number or bool from a tensor, a data-dependent shape) would wait for the GPU; here every
+    call is counted while steps 3–5 run (log_every is beyond the run)."""
+    trainer = Trainer(tiny_config(cache, tmp_path, f"head.name={head}", "train.log_every=100", "train.max_steps=6"))
+    calls: list[str] = []
+    counting = [False]
+    for owner, name in HOST_READS:
+        original = getattr(owner, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            if counting[0]:
+                calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    step = trainer.train_step
+
+    def watched(epoch, micro, batches):
+        counting[0] = 3 <= trainer.step + 1 <= 5
+        try:
+            return step(epoch, micro, batches)
+        finally:
+            counting[0] = False
+
+    trainer.train_step = watched
+    trainer.fit()
+    assert trainer.step == 6 and calls == []
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist(cache, tmp_path):
+    """fp32 and bf16 go through the scaler too: a step whose loss is NaN changes no weight and is counted; after
+    train.max_skipped_steps such steps in a row the run stops with one line naming the non-finite head state."""
+    trainer = Trainer(tiny_config(cache, tmp_path / "nan", "head.name=uce", "train.max_steps=4",
+                                  "train.max_skipped_steps=2", "train.log_every=1"))
+    compute = trainer.head.compute_loss
+    trainer.head.compute_loss = lambda x, labels: compute(x, labels) * (float("nan") if trainer.step in (1, 2) else 1)
+    before = {}
+
+    def snapshot(epoch, micro, batches, _step=trainer.train_step):
+        before[trainer.step] = [p.detach().clone() for p in trainer.params]
+        return _step(epoch, micro, batches)
+
+    trainer.train_step = snapshot
+    with pytest.raises(UnitsfaceError, match=r"2 optimizer steps in a row had inf/NaN gradients \(step 3, "
+                                             r"train.max_skipped_steps=2\); the head state is finite"):
+        trainer.fit()
+    assert trainer.skipped_steps == 2
+    records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1]  # logged at steps 1 and 2; step 3 stops the run
+    after = [p.detach() for p in trainer.params]
+    assert all(torch.equal(a, b) for a, b in zip(after, before[1]))  # steps 2 and 3 (NaN) moved nothing
+
+    trainer = Trainer(tiny_config(cache, tmp_path / "bad_bias", "head.name=uce", "train.max_steps=3",
+                                  "train.max_skipped_steps=1", "train.log_every=1"))
+    with torch.no_grad():
+        trainer.head.bias.value.fill_(float("inf"))
+    with pytest.raises(UnitsfaceError, match="non-finite head state: bias.value"):
+        trainer.fit()
+
+
+def test_channels_last_and_a_failing_compile_train_the_same_steps(cache, tmp_path, monkeypatch, capsys):
+    """train.channels_last changes the memory layout, not the numbers; train.compile on a platform where
+    torch.compile fails at its first call says so in one line and trains eagerly."""
+    plain = Trainer(tiny_config(cache, tmp_path / "plain", "head.name=cosface", "train.max_steps=2"))
+    plain.fit()
+
+    def broken(module, *args, **kwargs):
+        def call(*inputs):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fast = Trainer(tiny_config(cache, tmp_path / "fast", "head.name=cosface", "train.max_steps=2",
+                               "train.channels_last=true", "train.compile=true"))
+    fast.fit()
+    assert "train.compile: torch.compile cannot compile the backbone here (no C++ compiler found); training " \
+           "without it" in capsys.readouterr().err
+    conv = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "fast")
+    assert b == pytest.approx(a, rel=1e-4)
+
+
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):
     out = tmp_path / "capped"
     trainer = Trainer(tiny_config(cache, out, "train.max_steps=3", "train.schedule=step", "train.milestones=[1]"))

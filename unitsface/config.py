@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",
         "log_every": 10,
         "val_every": 0,  # validate every N optimizer steps; 0: at the end of every epoch (and always at the end)
+        "max_skipped_steps": 50,  # stop after this many steps in a row with inf/NaN gradients
+        "channels_last": False,  # NHWC images and backbone memory layout (faster convolutions on recent GPUs)
+        "compile": False,  # torch.compile the backbone (eager again, with a message, where the platform cannot)
         "keep_best": None,  # [SET:]accuracy|auc|eer|rank1|tar@FAR: write best.pt whenever it improves
         "ema": None,  # decay of an exponential moving average of the weights, validated and deployed when set
         "checkpoint_every": 0,
@@ -117,6 +120,9 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.checkpoint_every": (int,),
     "train.val_every": (int,),
     "train.keep_best": (str, type(None)),
+    "train.max_skipped_steps": (int,),
+    "train.channels_last": (bool,),
+    "train.compile": (bool,),
     "train.ema": (float, type(None)),
     "train.tensorboard": (bool,),
     "train.wandb": (bool,),
@@ -131,7 +137,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
 }
 
-POSITIVE = ("train.batch_size", "train.epochs", "train.grad_accumulation", "train.log_every",
+POSITIVE = ("train.max_skipped_steps", "train.batch_size", "train.epochs", "train.grad_accumulation", "train.log_every",
             "model.embedding_size", "data.synthetic.identities", "data.synthetic.images_per_identity",
             "data.synthetic.heldout_identities", "data.synthetic.heldout_images",
             "train.lr")

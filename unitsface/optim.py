@@ -101,17 +101,33 @@ def _suffix_products(mats: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def fused_ok(params: Iterable) -> bool:
+    """Whether torch's fused kernels take these parameters: floating point, on the CPU or CUDA. Fused optimisers
+    read the GradScaler's inf/NaN flag on the device and skip a bad step there, with no host round trip."""
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+
+
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """A loaded state dict brings its groups' `fused` setting: keep this optimiser's, which is what lets a
+    GradScaler skip a bad step on the device (a checkpoint written before it was fused would turn it off)."""
+    for group in optimizer.param_groups:
+        group["fused"] = optimizer.defaults["fused"]
+
+
 class SGD(torch.optim.SGD):
     """`torch.optim.SGD` (momentum, weight decay; no dampening or Nesterov) plus lazy row updates.
 
     Parameters listed in `lazy` (2-D, rows = classes) are updated only on the rows their sparse
     gradient names; the skipped steps are caught up exactly when a row is next used. All other
-    parameters, and lazy ones that receive a dense gradient, follow torch's own SGD step.
+    parameters, and lazy ones that receive a dense gradient, follow torch's own SGD step, fused where
+    torch can (`fused_ok`): a GradScaler then skips a step with inf/NaN gradients on the device.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  lazy: Iterable[torch.nn.Parameter] = ()) -> None:
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        params = list(params)
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused_ok(params) or None)
         managed = {id(p) for group in self.param_groups for p in group["params"]}
         self._lazy: list[torch.Tensor] = []
         for p in lazy:
@@ -222,9 +238,13 @@ class SGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         held = []
+        found_inf = self.last_found_inf = getattr(self, "found_inf", None)  # a GradScaler's flag: not finite
+        # The lazy rows keep their bookkeeping on the host, so they read the flag there (sparse updates only).
+        skip_lazy = bool(self._lazy) and found_inf is not None and bool(found_inf)
         for p in self._lazy:
             if p.grad is not None:
-                self._lazy_step(p, self._group(p))
+                if not skip_lazy:
+                    self._lazy_step(p, self._group(p))
                 held.append((p, p.grad))
                 p.grad = None  # torch's step below skips parameters without a gradient
         super().step()
@@ -236,6 +256,7 @@ class SGD(torch.optim.SGD):
         """torch casts every floating state tensor to the parameter's dtype; restore the lazy
         bookkeeping's own types (step counters are integers, the history is float64)."""
         super().load_state_dict(state_dict)
+        keep_fused(self)
         for p in self._lazy:
             state = self.state.get(p, {})
             for key, dtype in (("row_step", torch.long), ("steps", torch.long), ("history", torch.float64),
@@ -245,8 +266,20 @@ class SGD(torch.optim.SGD):
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW (decoupled weight decay). Nothing is updated lazily, so `catch_up` has nothing to do;
-    it exists so that the trainer treats every optimiser alike."""
+    """torch's AdamW (decoupled weight decay), fused where torch can (`fused_ok`). Nothing is updated lazily, so
+    `catch_up` has nothing to do; it exists so that the trainer treats every optimiser alike."""
+
+    def __init__(self, params: Iterable, lr: float, weight_decay: float) -> None:
+        params = list(params)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, fused=fused_ok(params) or None)
+
+    def step(self, closure=None):  # type: ignore[override]
+        self.last_found_inf = getattr(self, "found_inf", None)  # a GradScaler's flag, which it deletes after the step
+        return super().step(closure)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        keep_fused(self)
 
     def catch_up(self) -> None:
         pass

@@ -74,10 +74,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[rank() * n : (rank() + 1) * n]
+        # Each rank needs the sum over ranks of its own chunk only: a reduce-scatter moves R times less data
+        # than an all-reduce of the whole global batch followed by a slice.
+        chunks = grad.contiguous().chunk(dist.get_world_size())
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, list(chunks), op=dist.ReduceOp.SUM)
+        return out
 
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:

@@ -114,18 +114,26 @@ class Head(nn.Module):
         unit = LF.normalize(x)
         return unit, LC.target_cosine(unit, rows, sample.labels)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """The loss of the global batch. Labels are checked against the class range unless `checked` (the trainer's
+        come from a dataset whose range was checked when read: reading them off the device every step would stall
+        it)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise UnitsfaceError(
                 f"embeddings must be B×{self.embedding_size}, got {tuple(embeddings.shape)}"
             )
         labels = labels.long()
+        if not checked:
+            self.check_labels(labels)
+        return self.compute_loss(gather_batch(embeddings.float()), gather_batch(labels))
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """UnitsfaceError when a label lies outside [0, num_classes)."""
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise UnitsfaceError(
                 f"label out of range: labels span [{int(labels.min())}, {int(labels.max())}] "
                 f"but the head has num_classes={self.num_classes}"
             )
-        return self.compute_loss(gather_batch(embeddings.float()), gather_batch(labels))
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

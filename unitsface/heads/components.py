@@ -69,27 +69,24 @@ def init_class_rows(rows: int, embedding_size: int, init: str = "normal") -> tor
     return w
 
 
-def last_occurrence(labels: torch.Tensor) -> torch.Tensor:
-    """Indices i such that labels[i] >= 0 is the last occurrence of its value (batch order)."""
-    n = labels.numel()
-    order = torch.arange(n, device=labels.device)
-    valid = labels >= 0
-    if not bool(valid.any()):
-        return order[:0]
-    # Scatter-max of positions per label gives the last writer, deterministically.
-    last = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long, device=labels.device)
-    last.scatter_reduce_(0, labels[valid], order[valid], reduce="amax")
-    return last[last >= 0]
-
-
 @torch.no_grad()
-def write_rows(buffer: torch.Tensor, local_labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """buffer[y_i] <- rows[i] for this shard's labels, the last occurrence of a label winning
-    (methods.md §2.1 "last writer wins"). Returns the written slot indices."""
-    keep = last_occurrence(local_labels)
-    slots = local_labels[keep]
-    buffer[slots] = rows[keep].to(buffer.dtype)
-    return slots
+def write_rows(buffer: torch.Tensor, local_labels: torch.Tensor, rows: torch.Tensor) -> None:
+    """buffer[y_i] <- rows[i] for this shard's labels (-1: another shard's), the last occurrence of a label
+    winning (methods.md §2.1 "last writer wins"), with no device-to-host round trip.
+
+    Every row writes the value its slot ends with — the last occurrence's row — so duplicate indices in one
+    `index_copy_` agree and the result is deterministic; rows of other shards write slot 0's final value to
+    slot 0 rather than being filtered out (filtering would need their count on the host).
+    """
+    n, order = buffer.shape[0], torch.arange(local_labels.numel(), device=local_labels.device)
+    valid = local_labels >= 0
+    slot = torch.where(valid, local_labels, torch.full_like(local_labels, n))  # n: a spare entry for other shards
+    last = torch.full((n + 1,), -1, dtype=torch.long, device=local_labels.device)
+    last.scatter_reduce_(0, slot, order, reduce="amax")
+    values = rows[last[slot].clamp(min=0)].to(buffer.dtype)
+    first_slot = torch.where(last[0] >= 0, rows[last[0].clamp(min=0)].to(buffer.dtype), buffer[0])
+    values = torch.where(valid.view(-1, *[1] * (values.dim() - 1)), values, first_slot)
+    buffer.index_copy_(0, torch.where(valid, local_labels, torch.zeros_like(local_labels)), values)
 
 
 class ClassProxies(nn.Module):
@@ -133,8 +130,9 @@ class IdentityMemory(nn.Module):
 
     def remember(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Write-after-loss: M[y_i] <- sg(x_i) for this shard's (global) labels, the real rows."""
-        slots = write_rows(self.features, self.shard.local_labels(labels), x.detach())
-        self.filled[slots] = True
+        local = self.shard.local_labels(labels)
+        write_rows(self.features, local, x.detach())
+        write_rows(self.filled, local, torch.ones_like(local, dtype=torch.bool))
 
     def filled_fraction(self) -> float:
         """Filled slots over all C identities, summed over class shards."""
@@ -155,6 +153,11 @@ class LearnedBias(nn.Module):
         self.s = float(s)
         self.value = nn.Parameter(torch.full((shard.size if per_class else 1,), 0.0 if start is None else start))
         self.register_buffer("initialised", torch.tensor(start is not None))
+        self.ready = start is not None  # `initialised` on the host: asked every step, never read off the device
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.ready = bool(self.initialised)
 
     @property
     def unified(self) -> bool:
@@ -166,7 +169,7 @@ class LearnedBias(nn.Module):
     @property
     def threshold(self) -> float | None:
         """b/s once set; None for per-class biases, which have no single threshold, and before the start."""
-        return float(self.value.detach()) / self.s if self.unified and bool(self.initialised) else None
+        return float(self.value.detach()) / self.s if self.unified and self.ready else None
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -178,6 +181,7 @@ class LearnedBias(nn.Module):
         """b += b0 (b is still exactly its start value 0: until now its loss term was 0), once."""
         self.value.add_(b0)
         self.initialised.fill_(True)
+        self.ready = True
 
     def unused(self) -> torch.Tensor:
         """0·b, for steps without the bias's loss term: DDP expects a gradient for every parameter, and a
@@ -253,8 +257,9 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def write(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """q_y <- normalize(sg(x)), τ_y <- T for the global batch, the last occurrence winning."""
-        slots = write_rows(self.features, self.shard.local_labels(labels), LF.normalize(x))
-        self.written[slots] = self.iteration
+        local = self.shard.local_labels(labels)
+        write_rows(self.features, local, LF.normalize(x))
+        write_rows(self.written, local, self.iteration.expand(local.shape))
 
 
 class NegativePairs(nn.Module):

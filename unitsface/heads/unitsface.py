@@ -88,7 +88,7 @@ class SampleToSampleHead(Head):
         unit, p = self.target_cosines(x, rows, sample)
         bias = None
         if self.bias is not None:
-            if not bool(self.bias.initialised):
+            if not self.bias.ready:
                 b0 = LF.mean_finite(LC.negative_lse(unit, rows, sample.labels, self.s, valid)) if self.training \
                     else None
                 if b0 is None:  # no filled negative (evaluation, or min_fill=0 on an empty memory): no loss yet

@@ -45,7 +45,10 @@ import torch.nn.functional as F
 from unitsface.parallel import is_distributed, sum_over_shards
 
 CHUNK_FRACTION = 16  # a B×w chunk holds at most 1/16 as many numbers as the C_r×d rows it comes from
-MIN_CHUNK_COLUMNS = 64  # below this width a chunk costs more in dispatch than it saves in memory
+MIN_CHUNK_COLUMNS = 64  # below this width a chunk costs more in dispatch than it saves in memory (CPU)
+# A GPU launches a dozen kernels per chunk: below ~1k columns their launch time outweighs their work, and a
+# B×1024 chunk is a few MB of device memory.
+MIN_CHUNK_COLUMNS_BY_DEVICE = {"cuda": 1024}
 NORM_EPS = 1e-5  # the CVI-SZU and EPL references normalise with max(|x|, 1e-5)
 
 NegativeTransform = Callable[[torch.Tensor], torch.Tensor]  # g(c) on a B×w chunk, elementwise, differentiable
@@ -86,11 +89,12 @@ class _Chunk:
 
 
 def column_chunks(labels: torch.Tensor, num_columns: int, dim: int) -> Iterator[_Chunk]:
-    """Chunks of w columns with B·w ≤ num_columns·dim / CHUNK_FRACTION (w ≥ MIN_CHUNK_COLUMNS).
+    """Chunks of w columns with B·w ≤ num_columns·dim / CHUNK_FRACTION (w ≥ the device's minimum width).
 
     An empty shard still yields one (empty) chunk: its LSE is −inf and its sum 0.
     """
-    width = max(MIN_CHUNK_COLUMNS, math.ceil(num_columns * dim / (CHUNK_FRACTION * max(1, labels.numel()))))
+    minimum = MIN_CHUNK_COLUMNS_BY_DEVICE.get(labels.device.type, MIN_CHUNK_COLUMNS)
+    width = max(minimum, math.ceil(num_columns * dim / (CHUNK_FRACTION * max(1, labels.numel()))))
     for start in range(0, max(num_columns, 1), width):
         yield _Chunk(start, min(start + width, num_columns), labels)
 

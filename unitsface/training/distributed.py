@@ -147,12 +147,21 @@ def no_sync(model: nn.Module, skip: bool) -> AbstractContextManager:
     return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else nullcontext()
 
 
-def grad_scaler(enabled: bool) -> torch.amp.GradScaler:
-    """fp16 loss scaling; across ranks the scaler agrees on skipping a step when any rank saw inf/NaN
-    (a rank skipping alone would desynchronise the backbone)."""
-    if enabled and parallel.is_distributed():
-        return ShardedGradScaler("cuda")
-    return torch.amp.GradScaler("cuda", enabled=enabled)
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """The scaler every training step goes through, whatever the precision: it checks the gradients for
+    inf/NaN on the device and the (fused) optimiser then skips such a step there (methods.md N6). fp16 scales
+    the loss dynamically as usual; bf16 and fp32 keep the scale at 1 (`hold_scale`), so their gradients are
+    bit for bit what they would be without it. Across ranks the scaler agrees on skipping a step when any
+    rank saw inf/NaN (a rank skipping alone would desynchronise the backbone)."""
+    scale = 65536.0 if amp == "fp16" else 1.0
+    if parallel.is_distributed():
+        return ShardedGradScaler(device.type, init_scale=scale)
+    return torch.amp.GradScaler(device.type, init_scale=scale)
+
+
+def update_scaler(scaler: torch.amp.GradScaler, amp: str) -> None:
+    """End the step: fp16's dynamic scale grows or backs off; bf16 and fp32 hold the scale at 1."""
+    scaler.update(None if amp == "fp16" else 1.0)
 
 
 def sharded_names(head: nn.Module) -> set[str]:

@@ -62,13 +62,22 @@ class RunLogger:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
 
+    def due(self, step: int, every: int) -> bool:
+        """Whether optimizer step `step` is logged (every `every` steps and the last): only then does the trainer
+        read its numbers off the device."""
+        return not step % every or step == self.bar.total
+
+    def advance(self) -> None:
+        """One step done, not logged: the progress bar only."""
+        if self.enabled:
+            self.bar.update(1)
+
     def step(self, step: int, epoch: int, loss: float, lr: float, samples_per_s: float,
-             extra: dict[str, float], every: int) -> None:
+             extra: dict[str, float]) -> None:
+        """One logged step: a metrics.jsonl record, the bar's numbers, TensorBoard / W&B scalars."""
         if not self.enabled:
             return
         self.bar.update(1)
-        if step % every and step != self.bar.total:
-            return
         record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s, **extra}
         self._write(record)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", sps=f"{samples_per_s:.0f}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -94,13 +95,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def flip_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip of half the uint8 NCHW images, decided by `generator`."""
+    """Random horizontal flip of half the NCHW images, decided by `generator` (a CPU generator: the draw is
+    the same on every device), done where the images are, with no host round trip."""
     n = images.shape[0]  # the mask is drawn for the global batch, so flips do not depend on the world size
     mask = torch.rand(n * parallel.world_size(), generator=generator)[parallel.rank() * n :][:n] < 0.5
-    if mask.any():
-        images = images.clone()
-        images[mask] = images[mask].flip(-1)
-    return images
+    mask = mask.to(images.device, non_blocking=True).view(-1, *[1] * (images.dim() - 1))
+    return torch.where(mask, images.flip(-1), images)
 
 
 class Trainer:
@@ -127,7 +127,14 @@ class Trainer:
                                   **backbone_params(config)).to(self.device)
         if mcfg["sync_batchnorm"]:  # global-batch BatchNorm statistics; no-op in one process
             self.model = distributed.sync_batchnorm(self.model, self.device)
+        if self.cfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size (112×112): find the fastest kernels once
         self.net = distributed.wrap_model(self.model, self.device)  # DDP (summed gradients) when distributed
+        self.eager_net = self.net
+        if self.cfg["compile"]:
+            self.net = torch.compile(self.net)
         distributed.seed_rank(self.cfg["seed"])
         self.head_name = hcfg.pop("name")
         self.head = heads.build(self.head_name, self.num_classes, mcfg["embedding_size"], **hcfg).to(self.device)
@@ -156,14 +163,15 @@ class Trainer:
         factor = lr_factor(self.cfg["schedule"], self.steps_per_epoch, self.cfg["epochs"], self.cfg["milestones"],
                            self.cfg["gamma"], self.cfg["warmup_epochs"], self.cfg["power"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.scaler = distributed.grad_scaler(self.cfg["amp"] == "fp16")
+        self.scaler = distributed.grad_scaler(self.cfg["amp"], self.device)
+        # Skipped steps (inf/NaN gradients), counted on the device: all of them, and the current run of them.
+        self.skips = torch.zeros(2, device=self.device)
         # The weights validated and deployed: an exponential moving average of the backbone when train.ema is set.
         self.ema = None if self.cfg["ema"] is None else AveragedModel(
             self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg["ema"]), use_buffers=True)
         self.keep_best = None if self.cfg["keep_best"] is None else ValidationMetric.parse(self.cfg["keep_best"])
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of best.pt
         self.step = 0
-        self.skipped_steps = 0
         # Read once, up front (a bad set fails in the first second); only rank 0 validates.
         self.val_sets = load_validation_sets(self.val_paths) if self.main else []
         self.operating_points: dict[str, dict[str, Any]] = {}  # of the learned threshold, last validation
@@ -215,6 +223,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "skip_run": int(self.skips[1]),
         }
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
@@ -236,7 +245,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.skips = torch.tensor([float(ckpt.get("skipped_steps", 0)), float(ckpt.get("skip_run", 0))],
+                                  device=self.device)
         self.operating_points = dict(meta.get("threshold_operating_point") or {})
         self.best = ckpt.get("best")
         if self.ema is not None and "model_ema" in ckpt:  # else the average starts again from these weights
@@ -288,31 +298,51 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                   sync: bool = True) -> float:
-        """One forward/backward; `sync=False` on accumulation micro-steps skips DDP's all-reduce."""
-        if self.cfg["flip"]:
-            images = flip_batch(images, generator)
+                   sync: bool = True) -> torch.Tensor:
+        """One forward/backward; `sync=False` on accumulation micro-steps skips DDP's all-reduce. Returns the
+        loss on the device: nothing here waits for the device (the trainer reads numbers when it logs)."""
         x = normalize_batch(images.to(self.device, non_blocking=True))
+        if self.cfg["flip"]:
+            x = flip_batch(x, generator)
+        if self.cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
-        with distributed.no_sync(self.net, skip=not sync):
+        with distributed.no_sync(self.eager_net, skip=not sync):
             with self.autocast():
-                embeddings = self.net(x)
-            loss = self.head(embeddings.float(), labels)
-            if not torch.isfinite(loss):
-                raise UnitsfaceError(f"loss became {loss.item()} at step {self.step}; lower train.lr or check the data")
+                embeddings = self.backbone(x)
+            # The loader's labels are the dataset's, whose range was checked when it was read.
+            loss = self.head(embeddings.float(), labels, checked=True)
             self.scaler.scale(loss / self.cfg["grad_accumulation"]).backward()
-        return float(loss.detach())
+        return loss.detach()
+
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's forward; a compiled backbone that fails (torch.compile compiles at the first call and
+        needs a working compiler tool chain for the device) falls back to eager once, with a message."""
+        if self.net is self.eager_net:
+            return self.net(x)
+        try:
+            return self.net(x)
+        except Exception as exc:  # dynamo / inductor raise their own many exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"train.compile: torch.compile cannot compile the backbone here ({first[:200]}); "
+                  "training without it", file=sys.stderr, flush=True)
+            self.net = self.eager_net
+            return self.net(x)
 
     def optimizer_step(self) -> None:
+        """Clip, step and count: a step with inf/NaN gradients (or loss) is skipped by the scaler and the fused
+        optimiser on the device, and counted there (`skipped_steps`, methods.md N6)."""
         self.grad_sync.reduce_head()  # replicated head parameters: sum of the class shards' parts
         self.scaler.unscale_(self.optimizer)
         if self.cfg["grad_clip"] > 0:
             self.grad_sync.clip_(self.cfg["grad_clip"])  # the global norm, the same on every rank
-        scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1  # N6: GradScaler skipped a step with inf/NaN gradients
+        found_inf = getattr(self.optimizer, "last_found_inf", None)  # the scaler's verdict, kept on the device
+        if found_inf is not None:
+            skipped = found_inf.to(self.skips.device, torch.float32).clamp(max=1.0)
+            self.skips[0] += skipped
+            self.skips[1] = (self.skips[1] + 1.0) * skipped
+        distributed.update_scaler(self.scaler, self.cfg["amp"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
@@ -320,6 +350,22 @@ class Trainer:
         if self.cfg["clamp_prelu"] is not None:
             models.clamp_prelu_(self.model, self.cfg["clamp_prelu"])
         self.step += 1
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.skips[0])
+
+    def check_skips(self) -> None:
+        """Stop once `train.max_skipped_steps` steps in a row were skipped (read when logging, not every step),
+        naming the head state that is not finite, if any."""
+        run = int(self.skips[1])
+        if run < self.cfg["max_skipped_steps"]:
+            return
+        bad = [name for name, t in self.head.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        state = f"non-finite head state: {', '.join(bad)}" if bad else "the head state is finite"
+        raise UnitsfaceError(f"{run} optimizer steps in a row had inf/NaN gradients (step {self.step}, "
+                             f"train.max_skipped_steps={self.cfg['max_skipped_steps']}); {state}; lower train.lr, "
+                             "use bf16 instead of fp16, or check the data")
 
     def step_batches(self, epoch: int, first_micro: int) -> Iterator[tuple[int, list[Batch]]]:
         """(index of the first micro-batch, the `grad_accumulation` micro-batches) of each optimizer step left in
@@ -331,18 +377,20 @@ class Trainer:
                 yield micro, group
                 micro, group = micro + accum, []
 
-    def train_step(self, epoch: int, micro: int, batches: list[Batch]) -> float:
+    def train_step(self, epoch: int, micro: int, batches: list[Batch]) -> torch.Tensor:
         """One optimizer step over its micro-batches; they share one Partial FC column sample, drawn from the
-        labels of all of them (methods.md §3.2). Returns the mean micro-batch loss."""
-        step_labels = torch.cat([labels for _, labels in batches]).to(self.device)
-        losses = []
+        labels of all of them (methods.md §3.2). Returns the mean micro-batch loss, on the device."""
+        if any(labels.dtype != torch.int64 for _, labels in batches):
+            raise UnitsfaceError(f"labels must be int64 end to end, the loader gave {batches[0][1].dtype}")
+        step_labels = torch.cat([labels for _, labels in batches]).to(self.device, non_blocking=True)
+        loss = torch.zeros((), device=self.device)
         with self.head.step_columns(step_labels):
             for k, (images, labels) in enumerate(batches):
                 seed = (self.cfg["seed"] * 1_000_003 + epoch) * 1_000_003 + micro + k
-                losses.append(self.micro_step(images, labels, torch.Generator().manual_seed(seed),
-                                              sync=k == len(batches) - 1))
+                loss += self.micro_step(images, labels, torch.Generator().manual_seed(seed),
+                                        sync=k == len(batches) - 1)
         self.optimizer_step()
-        return sum(losses) / len(losses)
+        return loss / len(batches)
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.epochs` (or `train.max_steps`), validating every `train.val_every` steps (0: after every
@@ -365,9 +413,13 @@ class Trainer:
                 for micro, batches in self.step_batches(epoch, (self.step - epoch * self.steps_per_epoch) * accum):
                     loss = self.train_step(epoch, micro, batches)
                     now = time.perf_counter()
-                    log.step(self.step, epoch, loss, self.scheduler.get_last_lr()[0],
-                             accum * self.cfg["batch_size"] * parallel.world_size() / max(now - tick, 1e-9),
-                             self.head_stats(), every=self.cfg["log_every"])
+                    if log.due(self.step, self.cfg["log_every"]):  # the only place a step's numbers leave the device
+                        self.check_skips()
+                        log.step(self.step, epoch, float(loss), self.scheduler.get_last_lr()[0],
+                                 accum * self.cfg["batch_size"] * parallel.world_size() / max(now - tick, 1e-9),
+                                 self.head_stats())
+                    else:
+                        log.advance()
                     epoch_end, done = self.step % self.steps_per_epoch == 0, self.step >= self.total_steps
                     every = self.cfg["val_every"]
                     validating = done or (self.step % every == 0 if every else epoch_end)
@@ -396,8 +448,7 @@ class Trainer:
         stats: dict[str, float] = {}
         if self.head.threshold is not None:
             stats["threshold"] = float(self.head.threshold)
-        if self.skipped_steps:
-            stats["skipped_steps"] = float(self.skipped_steps)
+        stats["skipped_steps"] = float(self.skipped_steps)
         return stats
 
     # ------------------------------------------------------------------ evaluation
