@@ -1,6 +1,6 @@
 PYTHON ?= python3
 # torch is installed on its own first: on the CI machines `torch==2.13.0` is a CPU wheel on disk,
-# and a later `pip install -e .` then finds `torch>=2.4` already satisfied.
+# and a later `pip install -e .` then finds `torch>=2.13` already satisfied.
 STAMP := .venv-stamp
 
 .PHONY: install demo test lint

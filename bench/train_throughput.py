@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast of the backbone")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="backbone weights and images in channels-last memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--optimizer", default="sgd", choices=optim.names())
     parser.add_argument("--arcface-torch", default=None, metavar="PATH",
@@ -98,6 +99,8 @@ def measure(args: argparse.Namespace, backbone: str, head_name: str, device: tor
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build() if build is not None else models.build(backbone, embedding_size=args.dim)
     model = model.to(device).to(memory_format=memory_format).train()
+    if args.compile:
+        model = torch.compile(model)
     head = heads.build(head_name, args.classes, args.dim).to(device).train()
     make_ready(head)  # memory filled, past the warm-up: the full UniTSFace loss
     weight_decay = 0.1 if args.optimizer == "adamw" else 5e-4
@@ -133,7 +136,8 @@ def measure(args: argparse.Namespace, backbone: str, head_name: str, device: tor
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     result = {"backbone": backbone, "impl": impl, "head": head_name, "device": device.type, "batch": args.batch,
-              "amp": args.amp, "channels_last": args.channels_last, "classes": args.classes, "dim": args.dim,
+              "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "classes": args.classes,
+              "dim": args.dim,
               "optimizer": args.optimizer,
               "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "samples_per_s": round(args.steps * args.batch / seconds, 1),
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace, backbone: str, head: str, device: torch.device
     memory = f", peak {r['peak_gb']} GB" if "peak_gb" in r else ""
     name = backbone if impl == "unitsface" else f"{impl}:{backbone}"
     emit(f"train_throughput {name}+{head} batch={args.batch} amp={args.amp} optimizer={args.optimizer} "
-         f"channels_last={args.channels_last} {args.device}: {r['samples_per_s']} samples/s, "
+         f"channels_last={args.channels_last} compile={args.compile} {args.device}: {r['samples_per_s']} samples/s, "
          f"{r['ms_per_step']} ms/step{memory}", r)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ on CPU at tiny settings (fp32 as a script, bf16 autocast in process).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -63,22 +64,55 @@ def test_gpu_check_syntax() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_gpu_check_runs_the_three_checks_with_existing_files(planned: dict[str, list[str]]) -> None:
-    assert list(planned) == ["equivalence", "throughput", "head_scaling"]
-    equivalence, throughput, head_scaling = planned.values()
+def test_gpu_check_plans_the_first_gpu_checklist_with_existing_files(planned: dict[str, list[str]]) -> None:
+    """Equivalence tests on CUDA, a one-rank NCCL training, the throughput matrix (3 precisions × 2 layouts ×
+    compile off/on) of iresnet50 + unitsface at batch 256, the head scaling at 1M and 2M classes."""
+    throughput = [name for name in planned if name.startswith("throughput_")]
+    assert list(planned) == ["equivalence", "nccl", *throughput, "head_scaling"]
+    matrix = itertools.product(("none", "bf16", "fp16"), ("channels-last", "no-channels-last"), ("off", "on"))
+    assert sorted(throughput) == sorted(f"throughput_{amp}_{layout}_compile-{on}" for amp, layout, on in matrix)
+    equivalence, nccl, head_scaling = planned["equivalence"], planned["nccl"], planned["head_scaling"]
     assert equivalence[:2] == ["env", "UNITSFACE_TEST_DEVICE=cuda"] and "tests/test_distributed.py" in equivalence
-    assert throughput == ["python", "bench/train_throughput.py"]  # the script's defaults are the GPU settings
-    assert head_scaling[:2] == ["python", "bench/head_scaling.py"] and "cuda" in head_scaling
+    assert nccl[1:] == ["bench/nccl_smoke.py", "--device", "cuda", "--steps", "3"]
+    fp16 = planned["throughput_fp16_channels-last_compile-on"]
+    assert fp16[1] == "bench/train_throughput.py" and "--compile" in fp16 and "--channels-last" in fp16
+    options = dict(zip(fp16[2::2], fp16[3::2]))
+    assert (options["--device"], options["--backbones"], options["--heads"], options["--batch"]) == \
+        ("cuda", "iresnet50", "unitsface", "256")
+    assert head_scaling[1] == "bench/head_scaling.py" and "cuda" in head_scaling
+    assert {"1000000", "2000000"} <= set(head_scaling)
     for command in planned.values():
         for arg in command:
             if arg.endswith((".py", ".sh")):
                 assert (ROOT / arg).is_file(), f"gpu_check.sh runs {arg}, which does not exist"
 
 
+def test_gpu_check_runs_for_real_on_a_cpu(tmp_path: Path) -> None:
+    """The reduced CPU form (what keeps the script from rotting without a GPU): every check runs and its JSON
+    lines land in one gpu_check.json."""
+    env = dict(os.environ, GPU_CHECK_MODE="cpu", OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["mode"] == "cpu" and report["all_passed"] is True
+    checks = report["checks"]
+    assert set(checks) == {"nccl", "head_scaling", *(f"throughput_{amp}_{layout}_compile-off" for amp in
+                                                     ("none", "bf16") for layout in ("channels-last",
+                                                                                     "no-channels-last"))}
+    (nccl,) = checks["nccl"]
+    assert nccl["backend"] == "gloo" and nccl["steps"] == 3 and nccl["world_size"] == 1 and nccl["sharded_checkpoint"]
+    for name, records in checks.items():
+        if name.startswith("throughput_"):
+            (r,) = records
+            assert r["amp"] in name and r["channels_last"] is ("no-" not in name) and r["samples_per_s"] > 0
+    assert {r["head"] for r in checks["head_scaling"] if "head" in r} == {"cosface", "unitsface"}
+
+
 def test_every_path_gpu_check_names_exists() -> None:
     """Comments included: a renamed test or bench file must not leave the script (or its notes) stale."""
     paths = set(re.findall(r"\b((?:bench|tests|unitsface|scripts)/[\w./-]+\.(?:py|sh))\b", GPU_CHECK.read_text()))
-    assert {"tests/test_distributed.py", "bench/train_throughput.py", "bench/head_scaling.py"} <= paths
+    assert {"tests/test_distributed.py", "bench/train_throughput.py", "bench/head_scaling.py",
+            "bench/nccl_smoke.py"} <= paths
     assert [p for p in sorted(paths) if not (ROOT / p).is_file()] == []
 
 

@@ -339,7 +339,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         found_inf = getattr(self.optimizer, "last_found_inf", None)  # the scaler's verdict, kept on the device
         if found_inf is not None:
-            skipped = found_inf.to(self.skips.device, torch.float32).clamp(max=1.0)
+            skipped = found_inf.to(self.skips.device, torch.float32).sum().clamp(max=1.0)  # (1,) when sharded
             self.skips[0] += skipped
             self.skips[1] = (self.skips[1] + 1.0) * skipped
         distributed.update_scaler(self.scaler, self.cfg["amp"])
