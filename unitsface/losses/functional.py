@@ -136,6 +136,11 @@ def dense_column_loss(
 # --------------------------------------------------------------------------- margins
 
 
+def cosface_target(c: torch.Tensor, m: float) -> torch.Tensor:
+    """CosFace target c − m (Wang et al. 2018; methods.md §1.3)."""
+    return c - m
+
+
 def arcface_target(
     c: torch.Tensor, m: float, gradient: str = "exact", fallback: str = "hard"
 ) -> torch.Tensor:
@@ -174,7 +179,7 @@ def combined_target(
     if gradient not in ("exact", "straight_through"):
         raise ValueError(f"gradient must be 'exact' or 'straight_through', got {gradient!r}")
     if m1 == 1.0 and m2 == 0.0:  # pure CosFace: no arccos, bit-identical to cosface_loss
-        return c - m3
+        return cosface_target(c, m3)
 
     def value(c_: torch.Tensor) -> torch.Tensor:
         theta = torch.acos(c_.clamp(-1 + COS_EPS, 1 - COS_EPS))
@@ -190,11 +195,6 @@ def combined_target(
 
 
 # --------------------------------------------------------------------------- targets and references
-
-
-def cosface_target(c: torch.Tensor, m: float) -> torch.Tensor:
-    """CosFace target c − m (Wang et al. 2018; methods.md §1.3)."""
-    return c - m
 
 
 def target_of(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

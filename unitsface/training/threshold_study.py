@@ -36,6 +36,7 @@ from unitsface.evaluation.embed import embed_images
 from unitsface.evaluation.report import markdown_table, mean_std
 from unitsface.evaluation.threshold import balanced_threshold, rates_at
 from unitsface.evaluation.verification import evaluate_all_pairs, threshold_at_far
+from unitsface.heads.components import LearnedBias
 from unitsface.io import atomic_open
 from unitsface.training.trainer import Trainer
 
@@ -86,8 +87,10 @@ def deployable_thresholds(head: Any) -> dict[str, float]:
     learned = head.learned_thresholds()
     if learned:
         return learned
-    thresholds = getattr(head, "thresholds", None)
-    return {} if thresholds is None else {"mean b_j/s": float(thresholds.float().mean())}
+    bias = getattr(head, "bias", None)
+    if not isinstance(bias, LearnedBias):
+        return {}
+    return {"mean b_j/s": float(bias.thresholds.float().mean())}
 
 
 def measure(trainer: Trainer, results: dict[str, Any], calibration: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
