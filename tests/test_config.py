@@ -46,6 +46,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("train.tensorboard=3", "config key 'train.tensorboard' must be bool, got 3"),
         ("model.sync_batchnorm=1", "config key 'model.sync_batchnorm' must be bool, got 1"),
         ("train.lr", "override 'train.lr' must look like key=value"),
+        ("data.max_bad_fraction=1", "data.max_bad_fraction must be in [0, 1), got 1"),
+        ("data.max_bad_fraction=-0.1", "data.max_bad_fraction must be in [0, 1), got -0.1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import damage
 
 from unitsface.cli import main
 from unitsface.config import load_config
+from unitsface.data.cache import cached_synthetic_dataset
 from unitsface.data.dataset import normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.training.checkpoint import load_checkpoint
@@ -93,7 +96,7 @@ def test_gradient_accumulation_divides_each_micro_loss(cache, tmp_path):
     t = Trainer(tiny_config(cache, tmp_path / "b", "train.batch_size=8", "train.grad_accumulation=2"))
     # the schedule counts optimiser steps: same steps per epoch as one batch of 16
     assert a.steps_per_epoch == t.steps_per_epoch == 8
-    images, labels = next(iter(t.loader(0, 0)))
+    images, labels, _ = next(iter(t.loader(0, 0)))
     t.micro_step(images, labels, torch.Generator().manual_seed(0))
     accumulated = t.head.weight.grad.clone()
     t.optimizer.zero_grad()
@@ -131,3 +134,30 @@ def test_resume_from_corrupt_checkpoint_is_an_error(cache, tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(UnitsfaceError, match="corrupt or unreadable checkpoint"):
         Trainer(tiny_config(cache, tmp_path / "r"), resume=bad)
+
+
+def test_bad_records_are_replaced_counted_across_workers_and_bounded(cache, tmp_path, capsys):
+    """Key 40 cannot even be scanned, key 3's JPEG does not decode: 2 bad of 128 records."""
+    synthetic = cached_synthetic_dataset(cache, identities=16, images_per_identity=8, seed=0, val_pairs=40)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(synthetic / name, data / name)
+    damage(data, [3], "image")
+    damage(data, [40], "frame")
+    args = [*TINY, f"data.train={data}", f"data.val=[{synthetic / 'val.bin'}]", "train.epochs=1", "train.workers=2"]
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="replacing an unreadable record"):
+        Trainer(load_config("demo", [*args, "data.max_bad_fraction=0.05", f"output={out}"])).fit()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 8))  # 127 images: 7 batches of 16
+    assert logged[0]["bad_records"] >= 1 and logged[0]["bad_record_ids"][0] == 40  # the scan's, from step 1
+    last = [r for r in logged if "loss" in r][-1]
+    assert (last["bad_records"], last["bad_record_ids"]) == (2, [40, 3])
+    assert load_checkpoint(out / "last.pt")["bad_records"] == [40, 3]
+    capsys.readouterr()
+    assert main(["train", "--config", "demo", *args, "data.max_bad_fraction=0.01", f"output={tmp_path / 'stop'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    err = err[err.index("error: "):]  # after the progress bar
+    assert err.startswith(f"error: 2 unreadable records in {data / 'train.rec'} exceed data.max_bad_fraction "
+                          "(1 of 128 records); first: ") and "key 40: bad magic" in err and "\n" not in err

@@ -8,3 +8,10 @@ non-zero exit, never a traceback.
 
 class UnitsfaceError(Exception):
     """A user-facing error: bad input, missing file, invalid config value."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for a one-line error that
+    wraps a third-party failure: their messages may span lines or be empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

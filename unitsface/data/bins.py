@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 from unitsface.io import atomic_write
 
 _ALLOWED_DTYPES = ("u1", "b1")
@@ -53,7 +54,9 @@ def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     """`numpy.core.numeric._frombuffer` (protocol 5 arrays, in-band buffers only)."""
-    return np.frombuffer(bytes(buffer), dtype=_require_dtype(dtype)).reshape(shape, order=order)
+    if not isinstance(buffer, (bytes, bytearray)):  # bytes(2**40) would allocate a terabyte of zeros
+        raise _Refused(f"_frombuffer of a {type(buffer).__name__}")
+    return np.frombuffer(buffer, dtype=_require_dtype(dtype)).reshape(shape, order=order)
 
 
 def _scalar(dtype: Any, data: Any = b"") -> np.generic:
@@ -91,6 +94,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _Refused("a persistent id")
 
 
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _check_opcodes(data: bytes) -> None:
+    """One pass over the opcodes before anything is built; raises on damage.
+
+    CPython's unpickler sizes its memo table by the largest index it has read and clears every new
+    slot, so `LONG_BINPUT 2**30` alone writes gigabytes. A pickler numbers memo entries in order, so
+    an index can never exceed the opcodes read so far; genops also checks every length field against
+    the bytes that remain, without allocating what a length claims.
+    """
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data)), 1):
+        if opcode.name in _MEMO_OPS and not 0 <= int(arg) < count:
+            raise ValueError(f"{opcode.name} with memo index {arg} after {count} opcodes")
+
+
 def _image_bytes(entry: Any, index: int, path: Path) -> bytes:
     if isinstance(entry, (bytes, bytearray)):
         return bytes(entry)
@@ -124,11 +143,12 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     if not data:
         raise UnitsfaceError(f"{path} is empty")
     try:
+        _check_opcodes(data)
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as exc:
         raise UnitsfaceError(f"refusing to unpickle {path}: the file references {exc}") from None
     except Exception as exc:  # arbitrary bytes can fail inside pickle in many ways
-        raise UnitsfaceError(f"{path} is not a valid .bin pickle: {type(exc).__name__}: {exc}") from None
+        raise UnitsfaceError(f"{path} is not a valid .bin pickle: {type(exc).__name__}: {one_line(exc)}") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], (list, tuple))):
         raise UnitsfaceError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
     images = [_image_bytes(entry, i, path) for i, entry in enumerate(obj[0])]

@@ -38,7 +38,9 @@ class RunLogger:
         self.metrics.flush()
 
     def step(self, step: int, epoch: int, loss: float, lr: float, samples_per_s: float,
-             extra: dict[str, float], every: int) -> None:
+             extra: dict[str, Any], every: int) -> None:
+        """Log one optimiser step; `extra` holds scalars, and lists (e.g. bad record ids) that only the
+        JSON line carries."""
         if not self.enabled:
             return
         self.bar.update(1)
@@ -46,12 +48,12 @@ class RunLogger:
             return
         record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s, **extra}
         self._write(record)
+        scalars = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", sps=f"{samples_per_s:.0f}",
-                             **{k: f"{v:.4f}" for k, v in extra.items()})
+                             **{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in scalars.items()})
         if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"train/{key}", value, step)
+            for key, value in {"loss": loss, "lr": lr, "samples_per_s": samples_per_s, **scalars}.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
 
     def validation(self, step: int, epoch: int, results: dict[str, Any]) -> None:
         if not self.enabled or not results:

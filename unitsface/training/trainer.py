@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unitsface import __version__, heads, models, optim, parallel
-from unitsface.data.dataset import RecordDataset, make_loader, normalize_batch
+from unitsface.data.dataset import BadRecords, RecordDataset, make_loader, normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.training import distributed
 from unitsface.training.checkpoint import FORMAT, VERSION
@@ -109,6 +109,7 @@ class Trainer:
         folder, self.val_paths = resolve_data(config)
         self.dataset = RecordDataset(folder, train=True, flip=False,
                                      max_bad_fraction=config["data"]["max_bad_fraction"])
+        self.bad_records = BadRecords(self.dataset)  # fed by each batch; stops past data.max_bad_fraction
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
         self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"]).to(self.device)
@@ -182,6 +183,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "bad_records": self.bad_records.state(),
         }
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
@@ -204,6 +206,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.bad_records.load(ckpt.get("bad_records", ()))
         restore_rng(ckpt["rng"])
 
     def save(self, name: str = "last.pt") -> Path:
@@ -278,7 +281,8 @@ class Trainer:
                 micro = first_micro
                 losses: list[float] = []
                 tick = time.perf_counter()
-                for images, labels in self.loader(epoch, first_micro):
+                for images, labels, bad in self.loader(epoch, first_micro):
+                    self.bad_records.add(bad)
                     seed = (self.cfg["seed"] * 1_000_003 + epoch) * 1_000_003 + micro
                     losses.append(self.micro_step(images, labels, torch.Generator().manual_seed(seed),
                                                   sync=(micro + 1) % accum == 0))
@@ -305,7 +309,7 @@ class Trainer:
             self.write_report(results)
         return results
 
-    def head_stats(self) -> dict[str, float]:
+    def head_stats(self) -> dict[str, Any]:
         """Scalars worth logging each step: the learned threshold t = b/s and bias b where present."""
         stats: dict[str, float] = {}
         threshold = getattr(self.head, "threshold", None)
@@ -313,6 +317,7 @@ class Trainer:
             stats["threshold"] = float(threshold)
         if self.skipped_steps:
             stats["skipped_steps"] = float(self.skipped_steps)
+        stats.update(self.bad_records.stats())
         return stats
 
     # ------------------------------------------------------------------ evaluation
