@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from data_helpers import damage
 from PIL import Image
 
 from unitsface.data.dataset import BadRecords, ImageFolderDataset, RecordDataset, make_loader, normalize_batch
-from unitsface.data.images import decode, encode_jpeg, encode_png, to_face_image
+from unitsface.data.images import decode, encode_jpeg, encode_png, image_size, to_face_image
 from unitsface.data.recordio import write_face_dataset
 from unitsface.data.tools import import_images, pack
 from unitsface.errors import UnitsfaceError
@@ -192,3 +193,43 @@ def test_decode_formats_and_face_resizing():
     wide = to_face_image(np.full((50, 200, 3), 255, np.uint8))  # scaled to 112 x 28, centred
     assert wide.shape == (112, 112, 3)
     assert wide[:41].max() == 0 and wide[43:69].min() == 255 and wide[71:].max() == 0
+
+
+def tiff_claiming(width: int) -> bytes:
+    """A 12x16 TIFF whose ImageWidth tag says `width`."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 12, 3), np.uint8)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 256:
+            struct.pack_into("<HHII", data, entry, 256, 4, 1, width)  # one LONG
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"P6\n100000 100000\n255\n" + bytes(30), r"cannot decode img \(51 bytes\): Image size .* exceeds limit"),
+        (tiff_claiming(8454148), r"cannot decode img .*: Image size \(135266368 pixels\) exceeds limit"),
+        (b"P5\n9000 9000\n255\n" + bytes(30), "img: a 9000x9000 image exceeds the 67108864-pixel limit"),
+    ],
+    ids=["ppm-bomb", "tiff-135M", "pgm-81M"],
+)
+def test_images_that_raised_other_errors_or_ran_out_of_memory(data, match):
+    """Found by bench/fuzz_readers.py: Pillow's DecompressionBombError escaped, and a TIFF whose header claimed
+    135 Mpixel (under Pillow's error limit) made Pillow allocate 400 MB (MemoryError under the fuzzer's RLIMIT_AS)."""
+    with pytest.raises(UnitsfaceError, match=match) as info:
+        decode(data, "img")
+    assert "\n" not in str(info.value)
+
+
+def test_a_jpeg_claiming_a_huge_size_is_refused_from_its_header():
+    """8193² pixels: under Pillow's bomb limit, so only our limit keeps the decoder from allocating 200 MB."""
+    jpeg = bytearray(encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = b"\x20\x01\x20\x01"  # height, width
+    for read in (decode, image_size):
+        with pytest.raises(UnitsfaceError, match="img: a 8193x8193 image exceeds the 67108864-pixel limit"):
+            read(bytes(jpeg), "img")

@@ -197,6 +197,23 @@ def test_meta_errors(ijb_root, file, edit, match):
         read_ijb_meta(ijb_root)
 
 
+@pytest.mark.parametrize(
+    "file, line, match",
+    [
+        ("ijbc_face_tid_mid.txt", b"1.jpg \xff 1", r"ijbc_face_tid_mid.txt: not UTF-8 text \(byte 6\)"),
+        ("ijbc_face_tid_mid.txt", b"1.jpg 99999999999999999999 1", "non-numeric or out-of-range"),
+        ("ijbc_template_pair_label.txt", b"1 99999999999999999999 0", "could not convert string"),
+    ],
+    ids=["not-utf8", "int64-overflow", "pair-overflow"],
+)
+def test_meta_bytes_that_raised_other_errors(ijb_root, file, line, match):
+    """Found by bench/fuzz_readers.py: UnicodeDecodeError and OverflowError escaped the readers."""
+    path = ijb_root / "IJBC" / "meta" / file
+    path.write_bytes(line + b"\n" + path.read_bytes().split(b"\n", 1)[1])
+    with pytest.raises(UnitsfaceError, match=match):
+        read_ijb_meta(ijb_root)
+
+
 def test_meta_missing(ijb_root, tmp_path):
     (ijb_root / "IJBC" / "meta" / "ijbc_template_pair_label.txt").unlink()
     with pytest.raises(UnitsfaceError, match="missing: .*ijbc_template_pair_label.txt"):
@@ -228,6 +245,26 @@ def test_read_1n_meta(tmp_path):
     (meta / "ijbb_1N_probe_mixed.csv").unlink()
     with pytest.raises(UnitsfaceError, match="1:N file missing"):
         read_ijb_1n_meta(tmp_path, "IJBB")
+
+
+def test_1n_files_that_raised_other_errors(tmp_path):
+    """Found by bench/fuzz_readers.py: UnicodeDecodeError, OverflowError, and an empty gallery's IndexError."""
+    meta = tmp_path / "IJBB" / "meta"
+    meta.mkdir(parents=True)
+    _write_1n(meta, "ijbb_1N_gallery_S1.csv", [(5, 50)])
+    _write_1n(meta, "ijbb_1N_probe_mixed.csv", [(9, 50), (8, 99)])
+    for rows, match in (([(7, 99999999999999999999)], "expected integer TEMPLATE_ID,SUBJECT_ID columns"),
+                        ([("\udcff", 70)], r"ijbb_1N_gallery_S2.csv: not UTF-8 text \(byte 32\)")):
+        body = "".join(f"{t},{s},x.jpg\n" for t, s in rows)
+        (meta / "ijbb_1N_gallery_S2.csv").write_bytes(f"TEMPLATE_ID,SUBJECT_ID,FILENAME\n{body}".encode(
+            "utf-8", "surrogateescape"))
+        with pytest.raises(UnitsfaceError, match=match):
+            read_ijb_1n_meta(tmp_path, "IJBB")
+    _write_1n(meta, "ijbb_1N_gallery_S2.csv", [])
+    one_n = read_ijb_1n_meta(tmp_path, "IJBB")
+    tids = np.array([5, 8, 9])
+    with pytest.raises(UnitsfaceError, match="non-empty probe list and galleries; empty: S2"):
+        evaluate_ijb_identification(np.eye(3), tids, {k: one_n[k] for k in ("S1", "S2")}, one_n["probe"])
 
 
 def _naive_open_set(q, qs, g, gs, fpirs):

@@ -395,6 +395,10 @@ def _read_property(folder: Path) -> tuple[int, tuple[int, int]] | None:
         classes, height, width = (int(v) for v in path.read_bytes().decode("ascii", "replace").strip().split(","))
     except ValueError:
         raise UnitsfaceError(f"{path}: expected '<num_classes>,<height>,<width>'") from None
+    # Class numbers are float32 labels (exact below 2^24); a damaged count must not size a classifier.
+    if not (0 < classes <= FLOAT32_EXACT and 0 < height < 1 << 16 and 0 < width < 1 << 16):
+        raise UnitsfaceError(f"{path}: {classes},{height},{width} is not a class count in [1, 2^24] and an image "
+                             "size in [1, 65535]")
     return classes, (height, width)
 
 

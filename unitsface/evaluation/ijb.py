@@ -441,6 +441,10 @@ def evaluate_ijb_identification(
     is ijb_1n.py's closed set over the concatenated galleries; its "TPIR" is not open-set TPIR@FPIR.
     """
     pt, ps = (np.asarray(a, dtype=np.int64) for a in probes)
+    empty = [name for name, (gt, _) in galleries.items() if len(gt) == 0] + (["probe list"] if len(pt) == 0 else [])
+    if empty or not galleries:
+        raise UnitsfaceError(f"1:N needs a non-empty probe list and galleries; empty: "
+                             f"{', '.join(empty) or 'galleries'}")
     pf = template_feats[_rows_of(unique_templates, pt, "probe list")]
     if protocol == "insightface":
         per, hits = {}, dict.fromkeys(ranks, 0)
