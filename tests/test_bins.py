@@ -147,6 +147,14 @@ def test_pickles_that_ask_for_gigabytes_are_refused_before_allocating(tmp_path, 
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB: nothing was allocated
 
 
+def test_an_entry_nested_50000_deep_is_described_without_recursion(tmp_path):
+    """Found by bench/fuzz_readers.py (100k run): the error message's repr raised RecursionError."""
+    n = 50_000
+    (tmp_path / "deep.bin").write_bytes(b"\x80\x02(U\x01aU\x01bl]" + b"]" * n + b"a" * (n - 1) + b"a\x86.")
+    with pytest.raises(UnitsfaceError, match=r"issame entry 0 is \[+\.\.\.\]+, expected a boolean"):
+        load_bin(tmp_path / "deep.bin")
+
+
 def test_fold_counts_of_lfw_block_order():
     issame = np.array(([True] * 3 + [False] * 3) * 10)
     assert fold_counts(issame) == [(3, 3)] * 10

@@ -7,6 +7,7 @@ features) goes through these functions.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -49,3 +50,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (bytes or text) to `path` atomically."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as handle:
         handle.write(data)
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """The temp files `temp_file` made for `path` that are still there: left by a process killed mid-write.
+
+    Only meaningful for a file with a single writer (a checkpoint); elsewhere another process may be
+    writing one right now.
+    """
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unitsface.errors import UnitsfaceError, one_line
+from unitsface.errors import UnitsfaceError, brief, one_line
 from unitsface.io import atomic_write
 
 _ALLOWED_DTYPES = ("u1", "b1")
@@ -35,20 +35,20 @@ class _NdarrayClass:
 def _checked_dtype(spec: Any, *_flags: Any) -> np.dtype:
     name = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
     if name not in _ALLOWED_DTYPES:
-        raise _Refused(f"numpy.dtype({name!r}) (only uint8 and bool arrays are allowed)")
+        raise _Refused(f"numpy.dtype({brief(name)}) (only uint8 and bool arrays are allowed)")
     return np.dtype(name)
 
 
 def _require_dtype(dtype: Any) -> np.dtype:
     if not isinstance(dtype, np.dtype) or dtype.str[1:] not in _ALLOWED_DTYPES:
-        raise _Refused(f"an array of dtype {dtype!r}")
+        raise _Refused(f"an array of dtype {brief(dtype)}")
     return dtype
 
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
     """`numpy.core.multiarray._reconstruct`: an empty array that BUILD then fills."""
     if cls is not _NdarrayClass:
-        raise _Refused(f"_reconstruct of {cls!r}")
+        raise _Refused(f"_reconstruct of {brief(cls)}")
     return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
 
 
@@ -70,7 +70,7 @@ def _scalar(dtype: Any, data: Any = b"") -> np.generic:
 def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     """`_codecs.encode`, as Python 3 uses it to pickle `bytes` at protocol <= 2."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+        raise _Refused(f"_codecs.encode with encoding {brief(encoding)}")
     return text.encode("latin1")
 
 
@@ -126,7 +126,7 @@ def _issame_array(issame: Any, path: Path) -> np.ndarray:
         bad = next((i for i, v in enumerate(issame) if not isinstance(v, (bool, np.bool_))), None)
         if bad is None:
             return np.asarray(issame, dtype=bool)
-        raise UnitsfaceError(f"{path}: issame entry {bad} is {issame[bad]!r}, expected a boolean")
+        raise UnitsfaceError(f"{path}: issame entry {bad} is {brief(issame[bad])}, expected a boolean")
     raise UnitsfaceError(f"{path}: issame_list is a {type(issame).__name__}, expected a list of booleans")
 
 

@@ -25,7 +25,7 @@ from typing import IO, Callable, NamedTuple, Union
 import numpy as np
 
 from unitsface.data.images import decode, encode_jpeg, image_size
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, brief
 from unitsface.io import atomic_write, temp_file
 
 MAGIC = 0xCED7230A
@@ -207,7 +207,7 @@ class IndexedRecordIO:
                         raise ValueError
                 except (ValueError, IndexError):
                     raise UnitsfaceError(
-                        f"{self.idx_path} line {line_no}: expected '<key>\\t<offset>', got {line!r}"
+                        f"{self.idx_path} line {line_no}: expected '<key>\\t<offset>', got {brief(line)}"
                     ) from None
                 if key in self._offsets:
                     raise UnitsfaceError(f"{self.idx_path} line {line_no}: duplicate key {key}")

@@ -306,6 +306,7 @@ class Trainer:
         finally:
             log.close()
         if self.main:
+            results = results or self.validate()  # resumed after the final checkpoint: nothing left to train
             self.write_report(results)
         return results
 
