@@ -1,10 +1,10 @@
 """Crash safety: SIGKILL `unitsface train` at random moments, resume from last.pt each time, compare the end.
 
 One uninterrupted run gives the reference. Then runs of the same config (same seed, same steps,
-`train.checkpoint_every=1`) are killed with SIGKILL — at a random moment of the training phase, or the
-instant a checkpoint temp file appears (a kill during the checkpoint write) — and restarted with
-`--resume last.pt` (from scratch while there is none), until --kills kills have happened; each run is
-then left to finish. After every kill, last.pt must load (weights_only), its step may never go back,
+`train.checkpoint_every=1`) are killed with SIGKILL — alternately at a random moment of the training phase
+and the instant the temp file of a randomly chosen checkpoint write appears (a kill during the write) —
+and restarted with `--resume last.pt` (from scratch while there is none), until --kills kills have
+happened; each run is then left to finish. After every kill, last.pt must load (weights_only), its step may never go back,
 and every loss the run logs must equal the reference's loss of that step bit for bit; at the end the
 whole checkpoint (backbone, head, optimiser, scheduler, RNG states, step) must equal the reference's.
 Prints one JSON line per kill and a JSON summary; exit status 1 on any mismatch.
@@ -130,7 +130,7 @@ def killed_run(out: Path, cache: Path, workers: int, reference: dict[str, Any], 
             if proc.returncode != 0:
                 raise SystemExit(f"the last resume failed: {err[-2000:]}")
             return done
-        mode = rng.choice(("random", "checkpoint"))
+        mode = ("random", "checkpoint")[len(report) % 2]  # alternate: any two kills cover both
         delay = reference["startup_s"] + rng.uniform(0, reference["training_s"])
         skip = rng.randrange(max(1, reference["steps"] - last_step))  # which of the remaining writes to hit
         during_write = kill_during(proc, out, mode, delay, skip, limit=60 + 2 * delay)

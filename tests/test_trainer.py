@@ -81,6 +81,15 @@ def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
     assert memory.dtype == (torch.bfloat16 if scale_out else torch.float32)
 
 
+def test_resuming_a_finished_run_still_reports_its_validation(cache, tmp_path):
+    """A run killed after its final checkpoint but before report.md resumes with nothing left to train."""
+    out = tmp_path / "done"
+    Trainer(tiny_config(cache, out, "train.max_steps=2")).fit()
+    (out / "report.md").unlink()
+    results = Trainer(tiny_config(cache, out, "train.max_steps=2"), resume=out / "last.pt").fit()
+    assert set(results) == {"val"} and "| val |" in (out / "report.md").read_text()
+
+
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):
     out = tmp_path / "capped"
     trainer = Trainer(tiny_config(cache, out, "train.max_steps=3", "train.schedule=step", "train.milestones=[1]"))

@@ -52,11 +52,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         handle.write(data)
 
 
-def stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """The temp files `temp_file` made for `path` that are still there: left by a process killed mid-write.
-
-    Only meaningful for a file with a single writer (a checkpoint); elsewhere another process may be
-    writing one right now.
+def remove_stale_temp_files(path: str | os.PathLike) -> int:
+    """Delete the temp files `temp_file` made for `path` that are still there (a process was killed while
+    writing it); returns how many. Only for a file with a single writer (a checkpoint): elsewhere another
+    process may be writing one right now.
     """
     path = Path(path)
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from unitsface.errors import UnitsfaceError
-from unitsface.io import atomic_open, stale_temp_files
+from unitsface.io import atomic_open, remove_stale_temp_files
 
 FORMAT = "unitsface-checkpoint"
 VERSION = 1
@@ -38,8 +38,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     A checkpoint file has one writer, so temp files beside it are what a killed run left behind (a
     checkpoint's worth of disk each time); they go first.
     """
-    for stale in stale_temp_files(path):
-        stale.unlink(missing_ok=True)
+    remove_stale_temp_files(path)
     with atomic_open(path) as f:
         torch.save(obj, f)
 

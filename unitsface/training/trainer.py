@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from unitsface import __version__, heads, models, optim, parallel
 from unitsface.data.dataset import BadRecords, RecordDataset, make_loader, normalize_batch
 from unitsface.errors import UnitsfaceError
+from unitsface.io import remove_stale_temp_files
 from unitsface.training import distributed
 from unitsface.training.checkpoint import FORMAT, VERSION
 from unitsface.training.schedule import lr_factor
@@ -269,6 +270,7 @@ class Trainer:
                         tensorboard=self.cfg["tensorboard"], resumed_at=self.step)
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+            remove_stale_temp_files(self.out / "last.pt")  # a killed run's half-written checkpoint
         accum = self.cfg["grad_accumulation"]
         results: dict[str, Any] = {}
         self.model.train()
