@@ -16,7 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,8 +25,9 @@ from unitsface.evaluation.verification import (
     LargestScores,
     auc,
     l2_normalize,
-    rates_from_counts,
+    roc_corners,
     roc_counts,
+    roc_rates,
     tar_at_far,
 )
 
@@ -207,23 +208,23 @@ def _segments(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, change])
 
 
-def _segment_sum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums of consecutive row segments of x (segment i = rows starts[i]..starts[i+1]-1), row by row in
-    order, in x's dtype.
+def _segment_sums(rows: Callable[[np.ndarray], np.ndarray], starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sum of each segment of rows (segment i = rows starts[i] .. starts[i] + counts[i] - 1), added one row
+    at a time in order, in the rows' dtype; `rows(positions)` returns the rows at those positions.
 
     Adds the k-th row of every segment longer than k in one vectorised step, so the float32 sums are
     bit-identical to insightface's sequential np.mean/np.sum and far faster than np.add.reduceat along
-    axis 0 (which walks columns with a large stride).
+    axis 0 (which walks columns with a large stride). Rows are asked for once each, so they can be
+    computed on demand rather than first gathered into segment order.
     """
-    counts = np.diff(np.r_[starts, len(x)])
-    order = np.argsort(-counts, kind="stable")
-    s_starts, s_counts = starts[order], counts[order]
-    acc = x[s_starts]
+    by_size = np.argsort(-counts, kind="stable")
+    s_starts, s_counts = starts[by_size], counts[by_size]
+    acc = rows(s_starts)
     for k in range(1, int(s_counts[0]) if len(s_counts) else 0):
         m = int(np.searchsorted(-s_counts, -k, "left"))  # segments longer than k come first
-        acc[:m] += x[s_starts[:m] + k]
+        acc[:m] += rows(s_starts[:m] + k)
     out = np.empty_like(acc)
-    out[order] = acc
+    out[by_size] = acc
     return out
 
 
@@ -262,89 +263,120 @@ def template_features(
     """(sorted unique template ids, L2-normalised float64 template features), insightface pooling:
     media feature = mean of its images, template feature = sum of its media features (§5.2).
 
-    Images are visited sorted by (template, media) in chunks cut at media boundaries, so memory stays
-    bounded; each media/template sum accumulates in the same order and precision as insightface's loops.
+    Media are visited sorted by (template, media) in chunks of about IMAGE_CHUNK images, so memory stays
+    bounded; an image's feature is computed from its row of `features` as the sums need it (never gathered
+    into sorted order first), and each media/template sum accumulates in the same order and precision as
+    insightface's loops.
     """
     f, faceness, templates, medias = _check_ijb_inputs(features, faceness, templates, medias, detector_score)
     order = np.lexsort((medias, templates))
     key = np.stack([templates[order], medias[order]], axis=1)
     m_start = _segments(key)
     m_count = np.diff(np.r_[m_start, len(order)])
+
+    def media_rows(positions: np.ndarray) -> np.ndarray:
+        """Image features of the images at these sorted positions, computed from their rows of `features`."""
+        images = order[positions]
+        return image_features(f[images], faceness[images], flip, norm_score, detector_score)
+
     media_feats = np.empty((len(m_start), f.shape[1] // 2), dtype=np.float32)
-    a, m0 = 0, 0
-    while a < len(order):
-        m1 = int(np.searchsorted(m_start, a + IMAGE_CHUNK, "left"))  # first media starting at/after the cut
-        b = m_start[m1] if m1 < len(m_start) else len(order)
-        rows = order[a:b]
-        g = image_features(f[rows], faceness[rows], flip, norm_score, detector_score)
-        if not np.isfinite(g).all():
-            raise UnitsfaceError(f"image {rows[np.flatnonzero(~np.isfinite(g).all(1))[0]]}: non-finite feature "
-                                 "(NaN input or zero vector with image_norm=l2)")
-        media_feats[m0:m1] = _segment_sum(g, m_start[m0:m1] - a) / m_count[m0:m1, None]
-        a, m0 = b, m1
+    m0 = 0
+    while m0 < len(m_start):  # media holding about IMAGE_CHUNK images at a time
+        m1 = int(np.searchsorted(m_start, m_start[m0] + IMAGE_CHUNK, "left"))
+        media_feats[m0:m1] = _segment_sums(media_rows, m_start[m0:m1], m_count[m0:m1]) / m_count[m0:m1, None]
+        m0 = m1
+    finite = np.isfinite(media_feats).all(1)  # a sum with a NaN or infinite term is not finite: 5x fewer rows
+    if not finite.all():
+        bad = np.flatnonzero(~finite)[0]
+        images = order[m_start[bad] : m_start[bad] + m_count[bad]]
+        g = image_features(f[images], faceness[images], flip, norm_score, detector_score)
+        culprit = images[np.flatnonzero(~np.isfinite(g).all(1))[0]] if not np.isfinite(g).all() else images[0]
+        raise UnitsfaceError(f"image {culprit}: non-finite feature (NaN input, a zero vector with image_norm=l2, "
+                             "or a media sum beyond float32)")
     t_start = _segments(key[m_start, 0])
-    tfeats = _segment_sum(media_feats, t_start).astype(np.float64)
+    t_count = np.diff(np.r_[t_start, len(m_start)])
+    tfeats = _segment_sums(media_feats.__getitem__, t_start, t_count).astype(np.float64)
     return key[m_start[t_start], 0], l2_normalize(tfeats)
 
 
 def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
     """Row of each template id in the sorted `unique_templates`; a lookup table when ids are compact
-    (IJB ids are), binary search otherwise."""
+    (IJB ids are), binary search otherwise. Ids are range-checked first, so no subtraction can overflow,
+    and non-negative ids index the table directly: one pass over 15.7M pair ids, not three."""
     ids = np.asarray(ids, dtype=np.int64)
     lo, hi = int(unique_templates[0]), int(unique_templates[-1])
-    if hi - lo <= 8 * len(unique_templates) + (1 << 20):
-        table = np.full(hi - lo + 3, -1, dtype=np.int64)  # slots for below-range and above-range ids
-        table[unique_templates - lo + 1] = np.arange(len(unique_templates))
-        pos = table[np.clip(ids - lo + 1, 0, hi - lo + 2)]
-        bad = pos < 0
+    outside = len(ids) and (ids.min() < lo or ids.max() > hi)
+    if not outside and hi - lo <= 8 * len(unique_templates) + (1 << 20):
+        base = min(lo, 0)
+        table = np.full(hi - base + 1, -1, dtype=np.int64)
+        table[unique_templates - base] = np.arange(len(unique_templates))
+        pos = table[ids if base == 0 else ids - base]
+        bad = len(ids) and pos.min() < 0
     else:
         pos = np.minimum(np.searchsorted(unique_templates, ids), len(unique_templates) - 1)
-        bad = unique_templates[pos] != ids
-    if bad.any():
-        raise UnitsfaceError(f"{what}: template {ids[np.flatnonzero(bad)[0]]} has no images")
+        bad = np.any(unique_templates[pos] != ids)
+    if bad:
+        missing = np.flatnonzero(~np.isin(ids, unique_templates))[0]
+        raise UnitsfaceError(f"{what}: template {ids[missing]} has no images")
     return pos
 
 
-def _compact(idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values of idx, position of each idx among them) in O(len + n), no sort."""
-    mark = np.zeros(n, dtype=bool)
-    mark[idx] = True
-    u = np.flatnonzero(mark)
-    pos = np.empty(n, dtype=np.int64)
-    pos[u] = np.arange(len(u))
-    return u, pos[idx]
+def _used_rows(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted rows of `unique_templates` that `ids` name, each id's position among those rows)."""
+    pos = _rows_of(unique_templates, ids, what)
+    used = np.zeros(len(unique_templates), dtype=bool)
+    used[pos] = True
+    rows = np.flatnonzero(used)
+    rank = np.zeros(len(unique_templates), dtype=np.int64)
+    rank[rows] = np.arange(len(rows))
+    # In place (mode="clip" is unbuffered; every index is valid): a pair list's arrays are 125 MB each.
+    return rows, np.take(rank, pos, out=pos, mode="clip")
 
 
 def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
     """Cosine score of every template pair, float64, in bounded memory.
 
-    Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each (no sort of the
-    15.7M pairs). A group whose (distinct p1) x (distinct p2) block is at most DENSE_RATIO times its pair
-    count is one BLAS product (IJB pairs are gallery x probe, so blocks are dense); otherwise the two
-    feature rows of each pair are gathered, GATHER_CHUNK pairs at a time.
+    Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each; one stable
+    counting sort of the small group numbers brings each group's pairs together (15.7M pairs are never
+    sorted by template). A group whose (first templates) x (second templates) block is at most
+    DENSE_RATIO times its pair count is one BLAS product: IJB pairs are gallery x probe, so every group
+    meets all probes, whose rows are gathered once, and each pair reads its score at its cell of the
+    block. Sparser groups gather the two feature rows of each pair, GATHER_CHUNK pairs at a time. Every
+    array as long as the pair list costs 125 MB of fresh memory at IJB-C size, so there are few.
     """
     p1, p2 = np.asarray(p1), np.asarray(p2)
     if p1.shape != p2.shape or p1.ndim != 1:
         raise UnitsfaceError(f"p1 and p2 must be 1-D of equal length, got {p1.shape} and {p2.shape}")
-    i1, i2 = _rows_of(unique_templates, p1, "pair list"), _rows_of(unique_templates, p2, "pair list")
-    n_t = len(unique_templates)
-    cum = np.cumsum(np.bincount(i1, minlength=n_t))
-    range_of = np.searchsorted(np.arange(PAIR_CHUNK, cum[-1] + PAIR_CHUNK, PAIR_CHUNK), cum, "left")
-    group = range_of[i1]
-    out = np.empty(len(i1), dtype=np.float64)
-    for r in np.unique(range_of):
-        sel = np.flatnonzero(group == r)
+    firsts, cell = _used_rows(unique_templates, p1, "pair list")  # cell: for now the first's position
+    seconds, second = _used_rows(unique_templates, p2, "pair list")
+    cum = np.cumsum(np.bincount(cell, minlength=len(firsts)))
+    group_of = np.searchsorted(np.arange(PAIR_CHUNK, cum[-1] + PAIR_CHUNK, PAIR_CHUNK), cum, "left")
+    small = np.uint8 if group_of[-1] < 1 << 8 else np.uint16 if group_of[-1] < 1 << 16 else np.int64
+    group = group_of.astype(small)[cell]
+    cell *= len(seconds)  # each pair's cell in the (firsts x seconds) matrix
+    cell += second
+    del second
+    order = np.argsort(group, kind="stable")  # one counting pass when the group numbers fit a byte
+    bounds = np.r_[0, np.cumsum(np.bincount(group))]
+    del group
+    first_bounds = np.searchsorted(group_of, np.arange(group_of[-1] + 2))  # each group's range of `firsts`
+    second_feats: np.ndarray | None = None
+    out = np.empty(len(p1), dtype=np.float64)
+    for g in range(group_of[-1] + 1):
+        sel = order[bounds[g] : bounds[g + 1]]  # this group's pairs, in pair order
+        f0, f1 = first_bounds[g], first_bounds[g + 1]
         if len(sel) == 0:
             continue
-        u1, j1 = _compact(i1[sel], n_t)
-        u2, j2 = _compact(i2[sel], n_t)
-        if len(u1) * len(u2) <= DENSE_RATIO * len(sel):
-            block = template_feats[u1] @ template_feats[u2].T
-            out[sel] = block.ravel().take(j1 * len(u2) + j2)
+        at = cell[sel]
+        if (f1 - f0) * len(seconds) <= DENSE_RATIO * len(sel):
+            second_feats = template_feats[seconds] if second_feats is None else second_feats
+            at -= f0 * len(seconds)
+            out[sel] = (template_feats[firsts[f0:f1]] @ second_feats.T).ravel().take(at)
             continue
         for a in range(0, len(sel), GATHER_CHUNK):
-            s = sel[a : a + GATHER_CHUNK]
-            out[s] = np.einsum("ij,ij->i", template_feats[i1[s]], template_feats[i2[s]])
+            first, second = np.divmod(at[a : a + GATHER_CHUNK], len(seconds))
+            out[sel[a : a + GATHER_CHUNK]] = np.einsum("ij,ij->i", template_feats[firsts[first]],
+                                                       template_feats[seconds[second]])
     return out
 
 
@@ -371,10 +403,11 @@ def evaluate_ijb(
     uniq, tf = template_features(features, faceness, templates, medias, flip, norm_score, detector_score)
     scores = pair_scores(tf, uniq, p1, p2)
     y = np.asarray(labels)
-    counts = roc_counts(scores, y)
-    fpr_t, tpr_t, _ = rates_from_counts(*counts, drop_intermediate=True)
-    fpr, tpr, _ = rates_from_counts(*counts)
-    n_gen = int(counts[1][-1])
+    fps, tps, _ = roc_counts(scores, y)
+    fpr, tpr = roc_rates(fps, tps)
+    corners = np.r_[0, roc_corners(fps, tps) + 1]  # the thinned curve, taken from the full one
+    fpr_t, tpr_t = fpr[corners], tpr[corners]
+    n_gen = int(tps[-1])
     return {
         "mode": describe_ijb_mode(flip, norm_score, detector_score),
         "pooling": "media mean, template sum, L2 (insightface)",
