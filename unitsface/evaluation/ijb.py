@@ -186,14 +186,22 @@ def read_ijb_1n_meta(root: Union[str, Path], name: str = "IJBC") -> dict[str, tu
 
 # ---------------------------------------------------------------------------------------------- pooling
 def image_features(
-    features: np.ndarray, faceness: Optional[np.ndarray], flip: bool, norm_score: bool, detector_score: bool
+    features: np.ndarray, faceness: Optional[np.ndarray], flip: bool, norm_score: bool, detector_score: bool,
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Per-image features after the test-mode switches of §5.1, in float32 as insightface computes them.
 
-    features rows are [f(image) | f(flipped image)] (2d columns).
+    features rows are [f(image) | f(flipped image)] (2d columns); `out`, a float32 buffer of the result's
+    shape, saves the allocation.
     """
     d = features.shape[1] // 2
-    g = np.add(features[:, :d], features[:, d:], dtype=np.float32) if flip else features[:, :d].astype(np.float32)
+    if flip:
+        g = np.add(features[:, :d], features[:, d:], dtype=np.float32, out=out)
+    elif out is None:
+        g = features[:, :d].astype(np.float32)
+    else:
+        g = out
+        g[...] = features[:, :d]
     if not norm_score:
         with np.errstate(invalid="ignore", divide="ignore"):  # zero rows: caught by the caller's check
             g /= np.sqrt(np.sum(g**2, -1, keepdims=True))
@@ -208,24 +216,25 @@ def _segments(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, change])
 
 
-def _segment_sums(rows: Callable[[np.ndarray], np.ndarray], starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Sum of each segment of rows (segment i = rows starts[i] .. starts[i] + counts[i] - 1), added one row
-    at a time in order, in the rows' dtype; `rows(positions)` returns the rows at those positions.
+def _segment_sums(rows: Callable[[np.ndarray, np.ndarray], np.ndarray], starts: np.ndarray, counts: np.ndarray,
+                  acc: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, sums): the sum of each segment of rows (segment i = rows starts[i] .. starts[i] + counts[i] - 1),
+    added one row at a time in order, in the rows' dtype, listed in `order` (segment indices, longest first).
 
     Adds the k-th row of every segment longer than k in one vectorised step, so the float32 sums are
     bit-identical to insightface's sequential np.mean/np.sum and far faster than np.add.reduceat along
-    axis 0 (which walks columns with a large stride). Rows are asked for once each, so they can be
-    computed on demand rather than first gathered into segment order.
+    axis 0 (which walks columns with a large stride). `rows(positions, out)` writes the rows at those
+    positions into `out` and returns it: rows are asked for once each, so they can be computed on demand.
+    `acc` and `scratch` are buffers of at least len(starts) rows, reused from call to call: a fresh
+    array per step would fault in gigabytes of new memory at IJB-C size.
     """
-    by_size = np.argsort(-counts, kind="stable")
-    s_starts, s_counts = starts[by_size], counts[by_size]
-    acc = rows(s_starts)
+    order = np.argsort(-counts, kind="stable")
+    s_starts, s_counts = starts[order], counts[order]
+    sums = rows(s_starts, acc[: len(starts)])
     for k in range(1, int(s_counts[0]) if len(s_counts) else 0):
         m = int(np.searchsorted(-s_counts, -k, "left"))  # segments longer than k come first
-        acc[:m] += rows(s_starts[:m] + k)
-    out = np.empty_like(acc)
-    out[by_size] = acc
-    return out
+        sums[:m] += rows(s_starts[:m] + k, scratch[:m])
+    return order, sums
 
 
 def _check_ijb_inputs(
@@ -274,17 +283,26 @@ def template_features(
     m_start = _segments(key)
     m_count = np.diff(np.r_[m_start, len(order)])
 
-    def media_rows(positions: np.ndarray) -> np.ndarray:
-        """Image features of the images at these sorted positions, computed from their rows of `features`."""
-        images = order[positions]
-        return image_features(f[images], faceness[images], flip, norm_score, detector_score)
+    d = f.shape[1] // 2
+    chunks = [0]  # media holding about IMAGE_CHUNK images each
+    while chunks[-1] < len(m_start):
+        chunks.append(int(np.searchsorted(m_start, m_start[chunks[-1]] + IMAGE_CHUNK, "left")))
+    most = int(np.diff(chunks).max())
+    gathered = np.empty((most, 2 * d), dtype=f.dtype)
+    acc, scratch = np.empty((most, d), dtype=np.float32), np.empty((most, d), dtype=np.float32)
 
-    media_feats = np.empty((len(m_start), f.shape[1] // 2), dtype=np.float32)
-    m0 = 0
-    while m0 < len(m_start):  # media holding about IMAGE_CHUNK images at a time
-        m1 = int(np.searchsorted(m_start, m_start[m0] + IMAGE_CHUNK, "left"))
-        media_feats[m0:m1] = _segment_sums(media_rows, m_start[m0:m1], m_count[m0:m1]) / m_count[m0:m1, None]
-        m0 = m1
+    def media_rows(positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Image features of the images at these sorted positions, from their rows of `features`."""
+        images = order[positions]
+        rows = np.take(f, images, axis=0, out=gathered[: len(images)], mode="clip")  # "clip": unbuffered
+        return image_features(rows, faceness[images], flip, norm_score, detector_score, out=out)
+
+    media_feats = np.empty((len(m_start), d), dtype=np.float32)
+    for m0, m1 in zip(chunks[:-1], chunks[1:]):
+        by_size, sums = _segment_sums(media_rows, m_start[m0:m1], m_count[m0:m1], acc, scratch)
+        # the float64 quotient rounded to float32, as assigning x / count to a float32 array does
+        np.divide(sums, m_count[m0 + by_size, None], out=sums, casting="unsafe")
+        media_feats[m0 + by_size] = sums
     finite = np.isfinite(media_feats).all(1)  # a sum with a NaN or infinite term is not finite: 5x fewer rows
     if not finite.all():
         bad = np.flatnonzero(~finite)[0]
@@ -295,7 +313,10 @@ def template_features(
                              "or a media sum beyond float32)")
     t_start = _segments(key[m_start, 0])
     t_count = np.diff(np.r_[t_start, len(m_start)])
-    tfeats = _segment_sums(media_feats.__getitem__, t_start, t_count).astype(np.float64)
+    by_size, sums = _segment_sums(lambda pos, out: np.take(media_feats, pos, axis=0, out=out, mode="clip"),
+                                  t_start, t_count, *(np.empty((len(t_start), d), np.float32) for _ in range(2)))
+    tfeats = np.empty((len(t_start), d))
+    tfeats[by_size] = sums
     return key[m_start[t_start], 0], l2_normalize(tfeats)
 
 
@@ -360,7 +381,10 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
     bounds = np.r_[0, np.cumsum(np.bincount(group))]
     del group
     first_bounds = np.searchsorted(group_of, np.arange(group_of[-1] + 2))  # each group's range of `firsts`
-    second_feats: np.ndarray | None = None
+    block_size = np.diff(first_bounds) * len(seconds)
+    dense = block_size <= DENSE_RATIO * np.diff(bounds)
+    if dense.any():  # gathered once, and one buffer for every block (fresh memory costs more than the product)
+        second_feats, block = template_feats[seconds], np.empty(block_size[dense].max())
     out = np.empty(len(p1), dtype=np.float64)
     for g in range(group_of[-1] + 1):
         sel = order[bounds[g] : bounds[g + 1]]  # this group's pairs, in pair order
@@ -368,10 +392,10 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
         if len(sel) == 0:
             continue
         at = cell[sel]
-        if (f1 - f0) * len(seconds) <= DENSE_RATIO * len(sel):
-            second_feats = template_feats[seconds] if second_feats is None else second_feats
+        if dense[g]:
+            np.matmul(template_feats[firsts[f0:f1]], second_feats.T, out=block[: block_size[g]].reshape(f1 - f0, -1))
             at -= f0 * len(seconds)
-            out[sel] = (template_feats[firsts[f0:f1]] @ second_feats.T).ravel().take(at)
+            out[sel] = block.take(at)
             continue
         for a in range(0, len(sel), GATHER_CHUNK):
             first, second = np.divmod(at[a : a + GATHER_CHUNK], len(seconds))
