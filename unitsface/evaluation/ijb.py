@@ -11,6 +11,7 @@ pairs, d=512) `evaluate_ijb` takes about 12 CPU-seconds against about 100 for th
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 import warnings
@@ -32,8 +33,8 @@ from unitsface.evaluation.verification import (
 )
 
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-IMAGE_CHUNK = 32768  # images gathered at once while pooling (32k x 1024 float32 = 128 MiB)
-PAIR_CHUNK = 1 << 20  # pairs per dense block group
+IMAGE_CHUNK = 32768  # images per pooling chunk; its buffers hold one row per media (<= 32k x 1024 float32)
+PAIR_CHUNK = 1 << 22  # pairs per group: an IJB-C group block is 900 x 19.6k float64 (141 MB), 4 BLAS calls
 GATHER_CHUNK = 8192  # pairs per row gather when pairs are sparse (2 x 8192 x 512 float64 = 64 MiB)
 DENSE_RATIO = 8  # score a pair chunk as a dense block when block size <= DENSE_RATIO x pairs
 
@@ -223,17 +224,17 @@ def _segment_sums(rows: Callable[[np.ndarray, np.ndarray], np.ndarray], starts: 
 
     Adds the k-th row of every segment longer than k in one vectorised step, so the float32 sums are
     bit-identical to insightface's sequential np.mean/np.sum and far faster than np.add.reduceat along
-    axis 0 (which walks columns with a large stride). `rows(positions, out)` writes the rows at those
+    axis 0 (which walks columns with a large stride). `rows(positions, out=)` writes the rows at those
     positions into `out` and returns it: rows are asked for once each, so they can be computed on demand.
     `acc` and `scratch` are buffers of at least len(starts) rows, reused from call to call: a fresh
     array per step would fault in gigabytes of new memory at IJB-C size.
     """
     order = np.argsort(-counts, kind="stable")
     s_starts, s_counts = starts[order], counts[order]
-    sums = rows(s_starts, acc[: len(starts)])
+    sums = rows(s_starts, out=acc[: len(starts)])
     for k in range(1, int(s_counts[0]) if len(s_counts) else 0):
         m = int(np.searchsorted(-s_counts, -k, "left"))  # segments longer than k come first
-        sums[:m] += rows(s_starts[:m] + k, scratch[:m])
+        sums[:m] += rows(s_starts[:m] + k, out=scratch[:m])
     return order, sums
 
 
@@ -283,8 +284,32 @@ def template_features(
     m_start = _segments(key)
     m_count = np.diff(np.r_[m_start, len(order)])
 
+    media_feats = _media_means(f, faceness, order, m_start, m_count, flip, norm_score, detector_score)
+    finite = np.isfinite(media_feats).all(1)  # a sum with a NaN or infinite term is not finite: 5x fewer rows
+    if not finite.all():
+        bad = np.flatnonzero(~finite)[0]
+        images = order[m_start[bad] : m_start[bad] + m_count[bad]]
+        g = image_features(f[images], faceness[images], flip, norm_score, detector_score)
+        culprit = images[np.flatnonzero(~np.isfinite(g).all(1))[0]] if not np.isfinite(g).all() else images[0]
+        raise UnitsfaceError(f"image {culprit}: non-finite feature (NaN input, a zero vector with image_norm=l2, "
+                             "or a media sum beyond float32)")
+    t_start = _segments(key[m_start, 0])
+    t_count = np.diff(np.r_[t_start, len(m_start)])
+    rows = functools.partial(np.take, media_feats, axis=0, mode="clip")
+    d = media_feats.shape[1]
+    by_size, sums = _segment_sums(rows, t_start, t_count, *(np.empty((len(t_start), d), np.float32) for _ in "ab"))
+    del rows, media_feats  # freed before the next allocation, which reuses their memory
+    tfeats = np.empty((len(t_start), d))
+    tfeats[by_size] = sums
+    return key[m_start[t_start], 0], l2_normalize(tfeats, out=tfeats)
+
+
+def _media_means(f: np.ndarray, faceness: np.ndarray, order: np.ndarray, m_start: np.ndarray, m_count: np.ndarray,
+                 flip: bool, norm_score: bool, detector_score: bool) -> np.ndarray:
+    """Float32 mean image feature of each media (images in `order`, media at m_start/m_count), media by media
+    in chunks of about IMAGE_CHUNK images, in three buffers reused throughout."""
     d = f.shape[1] // 2
-    chunks = [0]  # media holding about IMAGE_CHUNK images each
+    chunks = [0]
     while chunks[-1] < len(m_start):
         chunks.append(int(np.searchsorted(m_start, m_start[chunks[-1]] + IMAGE_CHUNK, "left")))
     most = int(np.diff(chunks).max())
@@ -303,21 +328,7 @@ def template_features(
         # the float64 quotient rounded to float32, as assigning x / count to a float32 array does
         np.divide(sums, m_count[m0 + by_size, None], out=sums, casting="unsafe")
         media_feats[m0 + by_size] = sums
-    finite = np.isfinite(media_feats).all(1)  # a sum with a NaN or infinite term is not finite: 5x fewer rows
-    if not finite.all():
-        bad = np.flatnonzero(~finite)[0]
-        images = order[m_start[bad] : m_start[bad] + m_count[bad]]
-        g = image_features(f[images], faceness[images], flip, norm_score, detector_score)
-        culprit = images[np.flatnonzero(~np.isfinite(g).all(1))[0]] if not np.isfinite(g).all() else images[0]
-        raise UnitsfaceError(f"image {culprit}: non-finite feature (NaN input, a zero vector with image_norm=l2, "
-                             "or a media sum beyond float32)")
-    t_start = _segments(key[m_start, 0])
-    t_count = np.diff(np.r_[t_start, len(m_start)])
-    by_size, sums = _segment_sums(lambda pos, out: np.take(media_feats, pos, axis=0, out=out, mode="clip"),
-                                  t_start, t_count, *(np.empty((len(t_start), d), np.float32) for _ in range(2)))
-    tfeats = np.empty((len(t_start), d))
-    tfeats[by_size] = sums
-    return key[m_start[t_start], 0], l2_normalize(tfeats)
+    return media_feats
 
 
 def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
@@ -357,13 +368,13 @@ def _used_rows(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> tupl
 def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
     """Cosine score of every template pair, float64, in bounded memory.
 
-    Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each; one stable
-    counting sort of the small group numbers brings each group's pairs together (15.7M pairs are never
-    sorted by template). A group whose (first templates) x (second templates) block is at most
-    DENSE_RATIO times its pair count is one BLAS product: IJB pairs are gallery x probe, so every group
-    meets all probes, whose rows are gathered once, and each pair reads its score at its cell of the
-    block. Sparser groups gather the two feature rows of each pair, GATHER_CHUNK pairs at a time. Every
-    array as long as the pair list costs 125 MB of fresh memory at IJB-C size, so there are few.
+    Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each (15.7M pairs are
+    never sorted; a group's pairs are found by scanning one byte per pair). A group whose (first
+    templates) x (second templates) block is at most DENSE_RATIO times its pair count is one BLAS
+    product: IJB pairs are gallery x probe, so every group meets all probes, whose rows are gathered
+    once, and each pair reads its score at its cell of the block. Sparser groups gather the two feature
+    rows of each pair, GATHER_CHUNK pairs at a time. Every array as long as the pair list costs 125 MB of
+    fresh memory at IJB-C size, so there are few.
     """
     p1, p2 = np.asarray(p1), np.asarray(p2)
     if p1.shape != p2.shape or p1.ndim != 1:
@@ -377,20 +388,16 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
     cell *= len(seconds)  # each pair's cell in the (firsts x seconds) matrix
     cell += second
     del second
-    order = np.argsort(group, kind="stable")  # one counting pass when the group numbers fit a byte
-    bounds = np.r_[0, np.cumsum(np.bincount(group))]
-    del group
+    counts = np.bincount(group, minlength=group_of[-1] + 1)
     first_bounds = np.searchsorted(group_of, np.arange(group_of[-1] + 2))  # each group's range of `firsts`
     block_size = np.diff(first_bounds) * len(seconds)
-    dense = block_size <= DENSE_RATIO * np.diff(bounds)
+    dense = block_size <= DENSE_RATIO * counts
     if dense.any():  # gathered once, and one buffer for every block (fresh memory costs more than the product)
         second_feats, block = template_feats[seconds], np.empty(block_size[dense].max())
     out = np.empty(len(p1), dtype=np.float64)
-    for g in range(group_of[-1] + 1):
-        sel = order[bounds[g] : bounds[g + 1]]  # this group's pairs, in pair order
+    for g in np.flatnonzero(counts):
+        sel = np.flatnonzero(group == g)  # this group's pairs, in pair order (one byte per pair to scan)
         f0, f1 = first_bounds[g], first_bounds[g + 1]
-        if len(sel) == 0:
-            continue
         at = cell[sel]
         if dense[g]:
             np.matmul(template_feats[firsts[f0:f1]], second_feats.T, out=block[: block_size[g]].reshape(f1 - f0, -1))
@@ -426,19 +433,21 @@ def evaluate_ijb(
     """
     uniq, tf = template_features(features, faceness, templates, medias, flip, norm_score, detector_score)
     scores = pair_scores(tf, uniq, p1, p2)
-    y = np.asarray(labels)
-    fps, tps, _ = roc_counts(scores, y)
+    n_pairs = len(scores)
+    fps, tps = roc_counts(scores, np.asarray(labels))[:2]
+    del scores  # each dead IJB-C-sized array is freed before the next is allocated: its memory is reused
     fpr, tpr = roc_rates(fps, tps)
     corners = np.r_[0, roc_corners(fps, tps) + 1]  # the thinned curve, taken from the full one
-    fpr_t, tpr_t = fpr[corners], tpr[corners]
     n_gen = int(tps[-1])
+    del fps, tps
+    fpr_t, tpr_t = fpr[corners], tpr[corners]
     return {
         "mode": describe_ijb_mode(flip, norm_score, detector_score),
         "pooling": "media mean, template sum, L2 (insightface)",
         "n_templates": len(uniq),
-        "n_pairs": len(scores),
+        "n_pairs": n_pairs,
         "n_genuine": n_gen,
-        "n_impostor": len(scores) - n_gen,
+        "n_impostor": n_pairs - n_gen,
         "tar_at_far": tar_at_far(fpr_t, tpr_t, far_targets, "closest"),
         "tar_at_far_strict": tar_at_far(fpr, tpr, far_targets, "strict"),
         "tar_at_far_interp": tar_at_far(fpr, tpr, far_targets, "interp"),

@@ -71,15 +71,15 @@ def _check_scores(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, n
 
 
 # ----------------------------------------------------------------------------------------------- scores
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Row-wise L2 normalisation, numerically identical to `sklearn.preprocessing.normalize`.
 
     Zero rows stay zero (sklearn's rule), which keeps reproduction exact; such rows score 0 against
-    everything rather than NaN.
+    everything rather than NaN. `out=x` normalises in place.
     """
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     norms[norms == 0.0] = 1.0
-    return x / norms[:, None]
+    return np.divide(x, norms[:, None], out=out)
 
 
 def scores_from_pairs(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
