@@ -327,3 +327,21 @@ def test_identification_open_set_matches_insightface_loop():
         evaluate_ijb_identification(feats, tids, galleries, probes, protocol="insightface-legacy")
     with pytest.raises(UnitsfaceError, match="unknown 1:N protocol"):
         evaluate_ijb_identification(feats, tids, galleries, probes, protocol="closed")
+
+
+def test_ijb_speed_bench_runs_reduced():
+    """bench/ijb_speed.py at 1 % of IJB-C: both pipelines run whole and report identical TARs (the bench's
+    output format; its timings are not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/ijb_speed.py", "--scale", "0.01", "--dim", "64"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["images"], summary["pairs"]) == (4690, 157000)
+    assert set(summary["evaluate_ijb_s"]) == {"image features + templates", "pair scores", "ROC + TARs"}
+    assert set(summary["baseline_s"]) == {"image features", "templates", "pair scores", "ROC + TARs"}
+    assert summary["tars_identical"] and summary["max_score_diff"] < 1e-12 and summary["ratio_wall"] > 0
