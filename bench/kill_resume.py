@@ -4,10 +4,11 @@ One uninterrupted run gives the reference. Then runs of the same config (same se
 `train.checkpoint_every=1`) are killed with SIGKILL — alternately at a random moment of the training phase
 and the instant the temp file of a randomly chosen checkpoint write appears (a kill during the write) —
 and restarted with `--resume last.pt` (from scratch while there is none), until --kills kills have
-happened; each run is then left to finish. After every kill, last.pt must load (weights_only), its step may never go back,
-and every loss the run logs must equal the reference's loss of that step bit for bit; at the end the
-whole checkpoint (backbone, head, optimiser, scheduler, RNG states, step) must equal the reference's.
-Prints one JSON line per kill and a JSON summary; exit status 1 on any mismatch.
+happened; each run is then left to finish. After every kill, last.pt must load (weights_only), its step
+may never go back, and every loss the run logs must equal the reference's loss of that step bit for bit;
+at the end the whole checkpoint (backbone, head, optimiser, scheduler, RNG states, step) must equal the
+reference's, and no temp file may be left in the run folder. Prints one JSON line per kill and a JSON
+summary; exit status 1 on any mismatch.
 
     python bench/kill_resume.py [--kills 20] [--seed 0] [--workers 0]
 """
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = work / "cache"
         reference = reference_run(work / "reference", cache, args.workers)
         kills: list[dict[str, Any]] = []
-        runs, mismatches, leftovers = 0, [], 0
+        runs, mismatches, leftovers = 0, [], []
         while len(kills) < args.kills:
             out = work / f"killed{runs}"
             killed_run(out, cache, args.workers, reference, args.kills - len(kills), rng, kills)
@@ -171,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                            for d in differences(final[key], reference["checkpoint"][key], key)]
             mismatches += [f"run {runs}: step {s} logged loss {loss!r}, reference {reference['losses'][s]!r}"
                            for s, loss in logged_losses(out) if loss != reference["losses"][s]]
-            leftovers += sum(name.endswith(".tmp") for name in os.listdir(out))
+            leftovers += [name for name in os.listdir(out) if name.endswith(".tmp")]
     summary = {"kills": len(kills), "runs": runs, "steps": reference["steps"],
                "kills_during_checkpoint_write": sum(k["during_checkpoint_write"] for k in kills),
                "kill_modes": {m: sum(k["mode"] == m for k in kills) for m in ("random", "checkpoint")},
-               "final_equal": not mismatches, "mismatches": mismatches[:20], "temp_files_left": leftovers,
+               "final_equal": not mismatches, "mismatches": mismatches[:20], "temp_files_left": leftovers[:20],
                "workers": args.workers}
     print(json.dumps(summary))
-    return 0 if not mismatches else 1
+    return 0 if not mismatches and not leftovers else 1
 
 
 if __name__ == "__main__":

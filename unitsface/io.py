@@ -52,13 +52,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         handle.write(data)
 
 
-def remove_stale_temp_files(path: str | os.PathLike) -> int:
-    """Delete the temp files `temp_file` made for `path` that are still there (a process was killed while
-    writing it); returns how many. Only for a file with a single writer (a checkpoint): elsewhere another
-    process may be writing one right now.
+def remove_stale_temp_files(target: str | os.PathLike) -> int:
+    """Delete the temp files `temp_file` made for `target` (a file, or every file directly in a folder) that
+    are still there: left by a process killed mid-write. Returns how many. Only where nothing else writes
+    at the time: a checkpoint (one writer), the output folder of a run as it starts.
     """
-    path = Path(path)
-    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    target = Path(target)
+    folder, name = (target, "*") if target.is_dir() else (target.parent, glob.escape(target.name))
+    stale = list(folder.glob(f".{name}.*.tmp"))
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)

@@ -270,7 +270,7 @@ class Trainer:
                         tensorboard=self.cfg["tensorboard"], resumed_at=self.step)
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
-            remove_stale_temp_files(self.out / "last.pt")  # a killed run's half-written checkpoint
+            remove_stale_temp_files(self.out)  # a killed run's half-written checkpoint or report
         accum = self.cfg["grad_accumulation"]
         results: dict[str, Any] = {}
         self.model.train()
@@ -313,8 +313,9 @@ class Trainer:
         return results
 
     def head_stats(self) -> dict[str, Any]:
-        """Scalars worth logging each step: the learned threshold t = b/s and bias b where present."""
-        stats: dict[str, float] = {}
+        """Worth logging each step: the learned threshold t = b/s and bias b where present, the count of bad
+        records met and their first ids."""
+        stats: dict[str, Any] = {}
         threshold = getattr(self.head, "threshold", None)
         if threshold is not None:
             stats["threshold"] = float(threshold)
