@@ -35,6 +35,7 @@ from unitsface.evaluation.verification import (
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IMAGE_CHUNK = 32768  # images per pooling chunk; its buffers hold one row per media (<= 32k x 1024 float32)
 PAIR_CHUNK = 1 << 22  # pairs per group: an IJB-C group block is 900 x 19.6k float64 (141 MB), 4 BLAS calls
+PAIR_WINDOW = 1 << 20  # pairs whose indices are handled at once (8 MB temporaries, reused rather than fresh)
 GATHER_CHUNK = 8192  # pairs per row gather when pairs are sparse (2 x 8192 x 512 float64 = 64 MiB)
 DENSE_RATIO = 8  # score a pair chunk as a dense block when block size <= DENSE_RATIO x pairs
 
@@ -273,10 +274,10 @@ def template_features(
     """(sorted unique template ids, L2-normalised float64 template features), insightface pooling:
     media feature = mean of its images, template feature = sum of its media features (§5.2).
 
-    Media are visited sorted by (template, media) in chunks of about IMAGE_CHUNK images, so memory stays
-    bounded; an image's feature is computed from its row of `features` as the sums need it (never gathered
-    into sorted order first), and each media/template sum accumulates in the same order and precision as
-    insightface's loops.
+    Templates are visited sorted, in chunks of about IMAGE_CHUNK images, so memory stays bounded (no table
+    of all media, no sorted copy of the features): an image's feature is computed from its row of
+    `features` as the media sums need it, and each media/template sum accumulates in the same order and
+    precision as insightface's loops.
     """
     f, faceness, templates, medias = _check_ijb_inputs(features, faceness, templates, medias, detector_score)
     order = np.lexsort((medias, templates))
@@ -284,37 +285,16 @@ def template_features(
     m_start = _segments(key)
     m_count = np.diff(np.r_[m_start, len(order)])
 
-    media_feats = _media_means(f, faceness, order, m_start, m_count, flip, norm_score, detector_score)
-    finite = np.isfinite(media_feats).all(1)  # a sum with a NaN or infinite term is not finite: 5x fewer rows
-    if not finite.all():
-        bad = np.flatnonzero(~finite)[0]
-        images = order[m_start[bad] : m_start[bad] + m_count[bad]]
-        g = image_features(f[images], faceness[images], flip, norm_score, detector_score)
-        culprit = images[np.flatnonzero(~np.isfinite(g).all(1))[0]] if not np.isfinite(g).all() else images[0]
-        raise UnitsfaceError(f"image {culprit}: non-finite feature (NaN input, a zero vector with image_norm=l2, "
-                             "or a media sum beyond float32)")
     t_start = _segments(key[m_start, 0])
     t_count = np.diff(np.r_[t_start, len(m_start)])
-    rows = functools.partial(np.take, media_feats, axis=0, mode="clip")
-    d = media_feats.shape[1]
-    by_size, sums = _segment_sums(rows, t_start, t_count, *(np.empty((len(t_start), d), np.float32) for _ in "ab"))
-    del rows, media_feats  # freed before the next allocation, which reuses their memory
-    tfeats = np.empty((len(t_start), d))
-    tfeats[by_size] = sums
-    return key[m_start[t_start], 0], l2_normalize(tfeats, out=tfeats)
-
-
-def _media_means(f: np.ndarray, faceness: np.ndarray, order: np.ndarray, m_start: np.ndarray, m_count: np.ndarray,
-                 flip: bool, norm_score: bool, detector_score: bool) -> np.ndarray:
-    """Float32 mean image feature of each media (images in `order`, media at m_start/m_count), media by media
-    in chunks of about IMAGE_CHUNK images, in three buffers reused throughout."""
     d = f.shape[1] // 2
-    chunks = [0]
-    while chunks[-1] < len(m_start):
-        chunks.append(int(np.searchsorted(m_start, m_start[chunks[-1]] + IMAGE_CHUNK, "left")))
-    most = int(np.diff(chunks).max())
+    chunks, first_image = [0], m_start[t_start]  # whole templates holding about IMAGE_CHUNK images each
+    while chunks[-1] < len(t_start):
+        chunks.append(int(np.searchsorted(first_image, first_image[chunks[-1]] + IMAGE_CHUNK, "left")))
+    t_bounds = np.r_[t_start, len(m_start)][chunks]  # each chunk's range of media
+    most = int(np.diff(t_bounds).max())
     gathered = np.empty((most, 2 * d), dtype=f.dtype)
-    acc, scratch = np.empty((most, d), dtype=np.float32), np.empty((most, d), dtype=np.float32)
+    acc, scratch, means = (np.empty((most, d), dtype=np.float32) for _ in "abc")
 
     def media_rows(positions: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Image features of the images at these sorted positions, from their rows of `features`."""
@@ -322,13 +302,31 @@ def _media_means(f: np.ndarray, faceness: np.ndarray, order: np.ndarray, m_start
         rows = np.take(f, images, axis=0, out=gathered[: len(images)], mode="clip")  # "clip": unbuffered
         return image_features(rows, faceness[images], flip, norm_score, detector_score, out=out)
 
-    media_feats = np.empty((len(m_start), d), dtype=np.float32)
-    for m0, m1 in zip(chunks[:-1], chunks[1:]):
+    tfeats = np.empty((len(t_start), d))
+    for t0, t1, m0, m1 in zip(chunks[:-1], chunks[1:], t_bounds[:-1], t_bounds[1:]):
         by_size, sums = _segment_sums(media_rows, m_start[m0:m1], m_count[m0:m1], acc, scratch)
         # the float64 quotient rounded to float32, as assigning x / count to a float32 array does
         np.divide(sums, m_count[m0 + by_size, None], out=sums, casting="unsafe")
-        media_feats[m0 + by_size] = sums
-    return media_feats
+        means[by_size] = sums
+        _check_finite(means[: m1 - m0], m0, f, faceness, order, m_start, m_count, flip, norm_score, detector_score)
+        rows = functools.partial(np.take, means, axis=0, mode="clip")
+        by_size, sums = _segment_sums(rows, t_start[t0:t1] - m0, t_count[t0:t1], acc, scratch)
+        tfeats[t0 + by_size] = sums
+    return key[m_start[t_start], 0], l2_normalize(tfeats, out=tfeats)
+
+
+def _check_finite(means: np.ndarray, m0: int, f, faceness, order, m_start, m_count, *mode: bool) -> None:
+    """Media means m0.. must be finite: a sum with a NaN or infinite term is not, so checking them rather than
+    each image reads 5x fewer rows; the image to blame is looked for only when one is not."""
+    finite = np.isfinite(means).all(1)
+    if finite.all():
+        return
+    bad = m0 + np.flatnonzero(~finite)[0]
+    images = order[m_start[bad] : m_start[bad] + m_count[bad]]
+    ok = np.isfinite(image_features(f[images], faceness[images], *mode)).all(1)
+    culprit = images[np.flatnonzero(~ok)[0]] if not ok.all() else images[0]
+    raise UnitsfaceError(f"image {culprit}: non-finite feature (NaN input, a zero vector with image_norm=l2, "
+                         "or a media sum beyond float32)")
 
 
 def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
@@ -340,7 +338,7 @@ def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.nda
     outside = len(ids) and (ids.min() < lo or ids.max() > hi)
     if not outside and hi - lo <= 8 * len(unique_templates) + (1 << 20):
         base = min(lo, 0)
-        table = np.full(hi - base + 1, -1, dtype=np.int64)
+        table = np.full(hi - base + 1, -1, dtype=np.int32 if len(unique_templates) < 1 << 31 else np.int64)
         table[unique_templates - base] = np.arange(len(unique_templates))
         pos = table[ids if base == 0 else ids - base]
         bad = len(ids) and pos.min() < 0
@@ -359,9 +357,9 @@ def _used_rows(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> tupl
     used = np.zeros(len(unique_templates), dtype=bool)
     used[pos] = True
     rows = np.flatnonzero(used)
-    rank = np.zeros(len(unique_templates), dtype=np.int64)
+    rank = np.zeros(len(unique_templates), dtype=pos.dtype)
     rank[rows] = np.arange(len(rows))
-    # In place (mode="clip" is unbuffered; every index is valid): a pair list's arrays are 125 MB each.
+    # In place (mode="clip" is unbuffered; every index is valid): a pair list's arrays are 63-125 MB each.
     return rows, np.take(rank, pos, out=pos, mode="clip")
 
 
@@ -369,12 +367,13 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
     """Cosine score of every template pair, float64, in bounded memory.
 
     Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each (15.7M pairs are
-    never sorted; a group's pairs are found by scanning one byte per pair). A group whose (first
-    templates) x (second templates) block is at most DENSE_RATIO times its pair count is one BLAS
-    product: IJB pairs are gallery x probe, so every group meets all probes, whose rows are gathered
-    once, and each pair reads its score at its cell of the block. Sparser groups gather the two feature
-    rows of each pair, GATHER_CHUNK pairs at a time. Every array as long as the pair list costs 125 MB of
-    fresh memory at IJB-C size, so there are few.
+    never sorted: a group's pairs are found by scanning one byte per pair, a window of PAIR_WINDOW pairs
+    at a time). A group whose (first templates) x (second templates) block is at most DENSE_RATIO times
+    its pair count is one BLAS product: IJB pairs are gallery x probe, so every group meets all probes,
+    whose rows are gathered once, and each pair reads its score at its cell of the block. Sparser groups
+    gather the two feature rows of each pair, GATHER_CHUNK pairs at a time. Fresh memory costs more than
+    the arithmetic here, so arrays as long as the pair list are few and int32 where they can be, and
+    every other temporary is small enough to be reused.
     """
     p1, p2 = np.asarray(p1), np.asarray(p2)
     if p1.shape != p2.shape or p1.ndim != 1:
@@ -385,6 +384,8 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
     group_of = np.searchsorted(np.arange(PAIR_CHUNK, cum[-1] + PAIR_CHUNK, PAIR_CHUNK), cum, "left")
     small = np.uint8 if group_of[-1] < 1 << 8 else np.uint16 if group_of[-1] < 1 << 16 else np.int64
     group = group_of.astype(small)[cell]
+    if len(firsts) * len(seconds) > np.iinfo(cell.dtype).max:
+        cell = cell.astype(np.int64)
     cell *= len(seconds)  # each pair's cell in the (firsts x seconds) matrix
     cell += second
     del second
@@ -392,22 +393,24 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
     first_bounds = np.searchsorted(group_of, np.arange(group_of[-1] + 2))  # each group's range of `firsts`
     block_size = np.diff(first_bounds) * len(seconds)
     dense = block_size <= DENSE_RATIO * counts
-    if dense.any():  # gathered once, and one buffer for every block (fresh memory costs more than the product)
+    if dense.any():  # gathered once, and one buffer for every block
         second_feats, block = template_feats[seconds], np.empty(block_size[dense].max())
     out = np.empty(len(p1), dtype=np.float64)
     for g in np.flatnonzero(counts):
-        sel = np.flatnonzero(group == g)  # this group's pairs, in pair order (one byte per pair to scan)
         f0, f1 = first_bounds[g], first_bounds[g + 1]
-        at = cell[sel]
         if dense[g]:
             np.matmul(template_feats[firsts[f0:f1]], second_feats.T, out=block[: block_size[g]].reshape(f1 - f0, -1))
-            at -= f0 * len(seconds)
-            out[sel] = block.take(at)
-            continue
-        for a in range(0, len(sel), GATHER_CHUNK):
-            first, second = np.divmod(at[a : a + GATHER_CHUNK], len(seconds))
-            out[sel[a : a + GATHER_CHUNK]] = np.einsum("ij,ij->i", template_feats[firsts[first]],
-                                                       template_feats[seconds[second]])
+        for w in range(0, len(group), PAIR_WINDOW):
+            sel = w + np.flatnonzero(group[w : w + PAIR_WINDOW] == g)  # this group's pairs, in pair order
+            at = cell[sel]
+            if dense[g]:
+                at -= f0 * len(seconds)
+                out[sel] = block.take(at)
+                continue
+            for a in range(0, len(sel), GATHER_CHUNK):
+                first, second = np.divmod(at[a : a + GATHER_CHUNK], len(seconds))
+                out[sel[a : a + GATHER_CHUNK]] = np.einsum("ij,ij->i", template_feats[firsts[first]],
+                                                           template_feats[seconds[second]])
     return out
 
 
@@ -434,11 +437,13 @@ def evaluate_ijb(
     uniq, tf = template_features(features, faceness, templates, medias, flip, norm_score, detector_score)
     scores = pair_scores(tf, uniq, p1, p2)
     n_pairs = len(scores)
-    fps, tps = roc_counts(scores, np.asarray(labels))[:2]
-    del scores  # each dead IJB-C-sized array is freed before the next is allocated: its memory is reused
-    fpr, tpr = roc_rates(fps, tps)
-    corners = np.r_[0, roc_corners(fps, tps) + 1]  # the thinned curve, taken from the full one
+    # Fresh memory costs more than arithmetic here: each dead IJB-C-sized array is freed before the next is
+    # allocated, and the steps run in the order that keeps the fewest alive at once.
+    fps, tps = roc_counts(scores, np.asarray(labels), overwrite=True)[:2]  # sorted in place: no copy
+    del scores
+    corners = np.r_[0, roc_corners(fps, tps) + 1]  # the thinned curve, taken from the full one below
     n_gen = int(tps[-1])
+    fpr, tpr = roc_rates(fps, tps)
     del fps, tps
     fpr_t, tpr_t = fpr[corners], tpr[corners]
     return {

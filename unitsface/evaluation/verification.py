@@ -91,31 +91,39 @@ def scores_from_pairs(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- ROC readings
-def roc_counts(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_counts(scores: np.ndarray, issame: np.ndarray, overwrite: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false accepts, true accepts, threshold) for "accept when s >= threshold", one entry per distinct
     score, thresholds descending.
 
     Sorts the scores only (no argsort) and places the genuine scores by binary search, which keeps
     15.7M IJB-C pairs at about a second; the counts are built in place, since every temporary of that
-    length is 100+ MB to allocate and fill.
+    length is 100+ MB to allocate and fill. `overwrite=True` lets a caller that owns a float64 `scores`
+    array have it sorted in place (its contents are lost).
     """
     s, y = _check_scores(scores, issame)
-    s_sorted = np.sort(s)
+    genuine = s[y]
+    if overwrite and s is scores:
+        s.sort()
+        s_sorted = s
+    else:
+        s_sorted = np.sort(s)
     ends = np.empty(len(s), dtype=bool)
     np.not_equal(s_sorted[1:], s_sorted[:-1], out=ends[:-1])
     ends[-1] = True
     last = np.flatnonzero(ends)  # last index of each distinct score
     del ends
     u = np.take(s_sorted, last, out=s_sorted[: len(last)], mode="clip")  # in place: last[k] >= k
-    gen_le = np.bincount(np.searchsorted(u, s[y]), minlength=len(u))
+    gen_le = np.bincount(np.searchsorted(u, genuine), minlength=len(u))
     np.cumsum(gen_le, out=gen_le)  # genuine <= u[k]
     n_gen = int(gen_le[-1])
     tps = np.empty_like(last)  # genuine >= u[k]
     tps[0] = n_gen
     np.subtract(n_gen, gen_le[:-1], out=tps[1:])
-    fps = gen_le  # reused: scores >= u[k] (len(s) - last[k-1] - 1) minus genuine >= u[k]
-    fps[0] = len(s) - n_gen
-    np.subtract(len(s) - 1, last[:-1], out=fps[1:])
+    n = len(y)
+    fps = gen_le  # reused: scores >= u[k] (n - last[k-1] - 1) minus genuine >= u[k]
+    fps[0] = n - n_gen
+    np.subtract(n - 1, last[:-1], out=fps[1:])
     fps[1:] -= tps[1:]
     return fps[::-1], tps[::-1], u[::-1]
 
