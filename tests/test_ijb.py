@@ -127,6 +127,7 @@ def test_pair_score_paths_agree(monkeypatch):
     dense = (rng.choice(uniq[:20], 3000), rng.choice(uniq[20:], 3000))  # gallery x probe
     sparse = (rng.choice(uniq, 3000), rng.choice(uniq, 3000))
     monkeypatch.setattr(ijb, "PAIR_CHUNK", 500)
+    monkeypatch.setattr(ijb, "PAIR_WINDOW", 700)  # a group's pairs found over several windows
     monkeypatch.setattr(ijb, "GATHER_CHUNK", 64)
     for p1, p2 in (dense, sparse):
         want = np.sum(tf[np.searchsorted(uniq, p1)] * tf[np.searchsorted(uniq, p2)], 1)
