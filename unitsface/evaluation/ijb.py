@@ -339,7 +339,7 @@ def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.nda
     outside = len(ids) and (ids.min() < lo or ids.max() > hi)
     if not outside and hi - lo <= 8 * len(unique_templates) + (1 << 20):
         base = min(lo, 0)
-        table = np.full(hi - base + 1, -1, dtype=np.int32 if len(unique_templates) < 1 << 31 else np.int64)
+        table = np.full(hi - base + 1, -1, dtype=np.intp)  # intp: numpy converts any other index type first
         table[unique_templates - base] = np.arange(len(unique_templates))
         pos = table[ids if base == 0 else ids - base]
         bad = len(ids) and pos.min() < 0
@@ -353,15 +353,21 @@ def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.nda
 
 
 def _used_rows(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(the sorted rows of `unique_templates` that `ids` name, each id's position among those rows)."""
-    pos = _rows_of(unique_templates, ids, what)
+    """(the sorted rows of `unique_templates` that `ids` name, a table: row -> position among them)."""
     used = np.zeros(len(unique_templates), dtype=bool)
-    used[pos] = True
+    for w in range(0, len(ids), PAIR_WINDOW):  # window by window: no array as long as `ids`
+        used[_rows_of(unique_templates, ids[w : w + PAIR_WINDOW], what)] = True
     rows = np.flatnonzero(used)
-    rank = np.zeros(len(unique_templates), dtype=pos.dtype)
+    rank = np.zeros(len(unique_templates), dtype=np.intp)
     rank[rows] = np.arange(len(rows))
-    # In place (mode="clip" is unbuffered; every index is valid): a pair list's arrays are 63-125 MB each.
-    return rows, np.take(rank, pos, out=pos, mode="clip")
+    return rows, rank
+
+
+def _block_rows(template_feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """template_feats[rows]; a view when the rows are consecutive (IJB probes are), not an 80 MB copy."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return template_feats[rows[0] : rows[-1] + 1]
+    return template_feats[rows]
 
 
 def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
@@ -373,29 +379,28 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np
     its pair count is one BLAS product: IJB pairs are gallery x probe, so every group meets all probes,
     whose rows are gathered once, and each pair reads its score at its cell of the block. Sparser groups
     gather the two feature rows of each pair, GATHER_CHUNK pairs at a time. Fresh memory costs more than
-    the arithmetic here, so arrays as long as the pair list are few and int32 where they can be, and
-    every other temporary is small enough to be reused.
+    the arithmetic here, so arrays as long as the pair list are few, and every other temporary is small
+    enough to be reused.
     """
     p1, p2 = np.asarray(p1), np.asarray(p2)
     if p1.shape != p2.shape or p1.ndim != 1:
         raise UnitsfaceError(f"p1 and p2 must be 1-D of equal length, got {p1.shape} and {p2.shape}")
-    firsts, cell = _used_rows(unique_templates, p1, "pair list")  # cell: for now the first's position
-    seconds, second = _used_rows(unique_templates, p2, "pair list")
+    firsts, first_rank = _used_rows(unique_templates, p1, "pair list")
+    seconds, second_rank = _used_rows(unique_templates, p2, "pair list")
+    cell = first_rank[_rows_of(unique_templates, p1, "pair list")]  # for now: each pair's first's position
     cum = np.cumsum(np.bincount(cell, minlength=len(firsts)))
     group_of = np.searchsorted(np.arange(PAIR_CHUNK, cum[-1] + PAIR_CHUNK, PAIR_CHUNK), cum, "left")
     small = np.uint8 if group_of[-1] < 1 << 8 else np.uint16 if group_of[-1] < 1 << 16 else np.int64
     group = group_of.astype(small)[cell]
-    if len(firsts) * len(seconds) > np.iinfo(cell.dtype).max:
-        cell = cell.astype(np.int64)
     cell *= len(seconds)  # each pair's cell in the (firsts x seconds) matrix
-    cell += second
-    del second
+    for w in range(0, len(cell), PAIR_WINDOW):
+        cell[w : w + PAIR_WINDOW] += second_rank[_rows_of(unique_templates, p2[w : w + PAIR_WINDOW], "pair list")]
     counts = np.bincount(group, minlength=group_of[-1] + 1)
     first_bounds = np.searchsorted(group_of, np.arange(group_of[-1] + 2))  # each group's range of `firsts`
     block_size = np.diff(first_bounds) * len(seconds)
     dense = block_size <= DENSE_RATIO * counts
     if dense.any():  # gathered once, and one buffer for every block
-        second_feats, block = template_feats[seconds], np.empty(block_size[dense].max())
+        second_feats, block = _block_rows(template_feats, seconds), np.empty(block_size[dense].max())
     out = np.empty(len(p1), dtype=np.float64)
     for g in np.flatnonzero(counts):
         f0, f1 = first_bounds[g], first_bounds[g + 1]
