@@ -124,6 +124,37 @@ def test_structural_errors(tmp_path):
         load_bin(tmp_path / "missing.bin")
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(([b"a", b"b"], [True]), protocol=2)[:-1] + b"N\x8c\x01a\x94r\x00\x00\x00\x04.",
+        b"\x80\x02cnumpy.core.numeric\n_frombuffer\n(J\xff\xff\xff\x7fcnumpy\ndtype\n(S'u1'\nI00\nI01\ntRS'C'\n"
+        b"(I16\ntS'C'\ntR.",
+        b"\x80\x04\x8e" + (1 << 60).to_bytes(8, "little") + b"abc.",
+    ],
+    ids=["memo-index-2^26", "frombuffer-of-an-int", "bytes8-of-2^60"],
+)
+def test_pickles_that_ask_for_gigabytes_are_refused_before_allocating(tmp_path, payload):
+    """Found by bench/fuzz_readers.py under RLIMIT_AS: CPython's unpickler clears a memo table as large as the
+    LONG_BINPUT index it reads (1 GiB here), and bytes(2**31 - 1) in `_frombuffer` allocated 2 GiB of zeros."""
+    import resource
+
+    (tmp_path / "x.bin").write_bytes(payload)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UnitsfaceError, match="(not a valid .bin pickle|refusing to unpickle)") as info:
+        load_bin(tmp_path / "x.bin")
+    assert "MemoryError" not in str(info.value) and not isinstance(info.value.__context__, MemoryError)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB: nothing was allocated
+
+
+def test_an_entry_nested_50000_deep_is_described_without_recursion(tmp_path):
+    """Found by bench/fuzz_readers.py (100k run): the error message's repr raised RecursionError."""
+    n = 50_000
+    (tmp_path / "deep.bin").write_bytes(b"\x80\x02(U\x01aU\x01bl]" + b"]" * n + b"a" * (n - 1) + b"a\x86.")
+    with pytest.raises(UnitsfaceError, match=r"issame entry 0 is \[+\.\.\.\]+, expected a boolean"):
+        load_bin(tmp_path / "deep.bin")
+
+
 def test_fold_counts_of_lfw_block_order():
     issame = np.array(([True] * 3 + [False] * 3) * 10)
     assert fold_counts(issame) == [(3, 3)] * 10

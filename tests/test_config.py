@@ -54,6 +54,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("model.pretrianed=r50.pth", "backbone 'tinyfacenet' has no parameter 'pretrianed' (did you mean "
                                      "'model.pretrained'?)"),
         ("model.input_size=big", "config key 'model.input_size' must be a number, got 'big'"),
+        ("data.max_bad_fraction=1", "data.max_bad_fraction must be in [0, 1), got 1"),
+        ("data.max_bad_fraction=-0.1", "data.max_bad_fraction must be in [0, 1), got -0.1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

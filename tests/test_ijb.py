@@ -127,6 +127,7 @@ def test_pair_score_paths_agree(monkeypatch):
     dense = (rng.choice(uniq[:20], 3000), rng.choice(uniq[20:], 3000))  # gallery x probe
     sparse = (rng.choice(uniq, 3000), rng.choice(uniq, 3000))
     monkeypatch.setattr(ijb, "PAIR_CHUNK", 500)
+    monkeypatch.setattr(ijb, "PAIR_WINDOW", 700)  # a group's pairs found over several windows
     monkeypatch.setattr(ijb, "GATHER_CHUNK", 64)
     for p1, p2 in (dense, sparse):
         want = np.sum(tf[np.searchsorted(uniq, p1)] * tf[np.searchsorted(uniq, p2)], 1)
@@ -197,6 +198,23 @@ def test_meta_errors(ijb_root, file, edit, match):
         read_ijb_meta(ijb_root)
 
 
+@pytest.mark.parametrize(
+    "file, line, match",
+    [
+        ("ijbc_face_tid_mid.txt", b"1.jpg \xff 1", r"ijbc_face_tid_mid.txt: not UTF-8 text \(byte 6\)"),
+        ("ijbc_face_tid_mid.txt", b"1.jpg 99999999999999999999 1", "non-numeric or out-of-range"),
+        ("ijbc_template_pair_label.txt", b"1 99999999999999999999 0", "could not convert string"),
+    ],
+    ids=["not-utf8", "int64-overflow", "pair-overflow"],
+)
+def test_meta_bytes_that_raised_other_errors(ijb_root, file, line, match):
+    """Found by bench/fuzz_readers.py: UnicodeDecodeError and OverflowError escaped the readers."""
+    path = ijb_root / "IJBC" / "meta" / file
+    path.write_bytes(line + b"\n" + path.read_bytes().split(b"\n", 1)[1])
+    with pytest.raises(UnitsfaceError, match=match):
+        read_ijb_meta(ijb_root)
+
+
 def test_meta_missing(ijb_root, tmp_path):
     (ijb_root / "IJBC" / "meta" / "ijbc_template_pair_label.txt").unlink()
     with pytest.raises(UnitsfaceError, match="missing: .*ijbc_template_pair_label.txt"):
@@ -228,6 +246,26 @@ def test_read_1n_meta(tmp_path):
     (meta / "ijbb_1N_probe_mixed.csv").unlink()
     with pytest.raises(UnitsfaceError, match="1:N file missing"):
         read_ijb_1n_meta(tmp_path, "IJBB")
+
+
+def test_1n_files_that_raised_other_errors(tmp_path):
+    """Found by bench/fuzz_readers.py: UnicodeDecodeError, OverflowError, and an empty gallery's IndexError."""
+    meta = tmp_path / "IJBB" / "meta"
+    meta.mkdir(parents=True)
+    _write_1n(meta, "ijbb_1N_gallery_S1.csv", [(5, 50)])
+    _write_1n(meta, "ijbb_1N_probe_mixed.csv", [(9, 50), (8, 99)])
+    for rows, match in (([(7, 99999999999999999999)], "expected integer TEMPLATE_ID,SUBJECT_ID columns"),
+                        ([("\udcff", 70)], r"ijbb_1N_gallery_S2.csv: not UTF-8 text \(byte 32\)")):
+        body = "".join(f"{t},{s},x.jpg\n" for t, s in rows)
+        (meta / "ijbb_1N_gallery_S2.csv").write_bytes(f"TEMPLATE_ID,SUBJECT_ID,FILENAME\n{body}".encode(
+            "utf-8", "surrogateescape"))
+        with pytest.raises(UnitsfaceError, match=match):
+            read_ijb_1n_meta(tmp_path, "IJBB")
+    _write_1n(meta, "ijbb_1N_gallery_S2.csv", [])
+    one_n = read_ijb_1n_meta(tmp_path, "IJBB")
+    tids = np.array([5, 8, 9])
+    with pytest.raises(UnitsfaceError, match="non-empty probe list and galleries; empty: S2"):
+        evaluate_ijb_identification(np.eye(3), tids, {k: one_n[k] for k in ("S1", "S2")}, one_n["probe"])
 
 
 def _naive_open_set(q, qs, g, gs, fpirs):
@@ -290,3 +328,21 @@ def test_identification_open_set_matches_insightface_loop():
         evaluate_ijb_identification(feats, tids, galleries, probes, protocol="insightface-legacy")
     with pytest.raises(UnitsfaceError, match="unknown 1:N protocol"):
         evaluate_ijb_identification(feats, tids, galleries, probes, protocol="closed")
+
+
+def test_ijb_speed_bench_runs_reduced():
+    """bench/ijb_speed.py at 1 % of IJB-C: both pipelines run whole and report identical TARs (the bench's
+    output format; its timings are not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/ijb_speed.py", "--scale", "0.01", "--dim", "64"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["images"], summary["pairs"]) == (4690, 157000)
+    assert set(summary["evaluate_ijb_s"]) == {"image features + templates", "pair scores", "ROC + TARs"}
+    assert set(summary["baseline_s"]) == {"image features", "templates", "pair scores", "ROC + TARs"}
+    assert summary["tars_identical"] and summary["max_score_diff"] < 1e-12 and summary["ratio_wall"] > 0

@@ -323,3 +323,50 @@ def test_meta_header_pointing_at_missing_keys(tmp_path):
         (tmp_path / f"t.{name}").rename(tmp_path / f"train.{name}")
     with pytest.raises(UnitsfaceError, match="images are keys 1..3 but key 2 is missing"):
         scan_dataset(tmp_path, cache=False)
+
+
+# ------------------------------------------------ found by bench/fuzz_readers.py (each raised something else)
+
+
+def test_scan_sets_damaged_records_aside_and_rejects_absurd_labels(tmp_path):
+    """Was: a bad frame anywhere made the whole set unusable; a label of 1e30 raised OverflowError."""
+    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    records = {k: pack(IRHeader(0, float(k % 2), k, 0), jpeg) for k in range(4)}
+    records[1] = pack(IRHeader(0, 1e30, 1, 0), jpeg)
+    records[2] = pack(IRHeader(1, [float("nan")], 2, 0), jpeg)
+    idx, rec = _write(tmp_path, records)
+    for path in (idx, rec):
+        path.rename(tmp_path / f"train{path.suffix}")
+    data = bytearray((tmp_path / "train.rec").read_bytes())
+    last = len(data) - (8 + len(records[3]) + (-len(records[3]) % 4))  # key 3: the last frame
+    data[last : last + 4] = b"JUNK"
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    index = scan_dataset(tmp_path, cache=False)
+    assert index.keys.tolist() == [0] and index.unreadable.tolist() == [1, 2, 3]
+    with IndexedRecordIO(tmp_path / "train.idx", tmp_path / "train.rec") as reader:
+        with pytest.raises(UnitsfaceError, match=r"key 1: label 1\.0+15\d*e\+30 is not a class"):
+            recordio.image_label(reader, 1)
+
+
+def test_absurd_property_values_are_an_error(tmp_path):
+    """Was: OverflowError while caching the scan (and a 2^60-class count would size the classifier)."""
+    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    write_face_dataset(tmp_path, [(0, jpeg), (1, jpeg)])
+    for text in ("2,8,99999999999999999999", "1152921504606846976,8,8", "2,0,8", "2,\xff8,8"):
+        (tmp_path / "property").write_text(text)
+        with pytest.raises(UnitsfaceError, match="property"):
+            scan_dataset(tmp_path)
+
+
+def test_a_damaged_scan_cache_is_a_miss(tmp_path):
+    """Was: zipfile.BadZipFile from the cache file next to the data."""
+    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    write_face_dataset(tmp_path, [(0, jpeg), (1, jpeg), (1, jpeg)])
+    first = scan_dataset(tmp_path)
+    cache = tmp_path / "train.scan.npz"
+    for position in (40, len(cache.read_bytes()) // 2):
+        data = bytearray(cache.read_bytes())
+        data[position] ^= 0x10
+        cache.write_bytes(bytes(data))
+        again = scan_dataset(tmp_path)
+        assert again.keys.tolist() == first.keys.tolist() and again.labels.tolist() == [0, 1, 1]

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import damage
 
 from unitsface.cli import main
 from unitsface.config import load_config
+from unitsface.data.cache import cached_synthetic_dataset
 from unitsface.data.dataset import normalize_batch
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_images
@@ -329,6 +331,15 @@ def test_channels_last_and_a_failing_compile_train_the_same_steps(cache, tmp_pat
     assert b == pytest.approx(a, rel=1e-4)
 
 
+def test_resuming_a_finished_run_still_reports_its_validation(cache, tmp_path):
+    """A run killed after its final checkpoint but before report.md resumes with nothing left to train."""
+    out = tmp_path / "done"
+    Trainer(tiny_config(cache, out, "train.max_steps=2")).fit()
+    (out / "report.md").unlink()
+    results = Trainer(tiny_config(cache, out, "train.max_steps=2"), resume=out / "last.pt").fit()
+    assert set(results) == {"val", "heldout"} and "| val |" in (out / "report.md").read_text()
+
+
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):
     out = tmp_path / "capped"
     trainer = Trainer(tiny_config(cache, out, "train.max_steps=3", "train.schedule=step", "train.milestones=[1]"))
@@ -344,7 +355,7 @@ def test_gradient_accumulation_divides_each_micro_loss(cache, tmp_path):
     t = Trainer(tiny_config(cache, tmp_path / "b", "train.batch_size=8", "train.grad_accumulation=2"))
     # the schedule counts optimiser steps: same steps per epoch as one batch of 16
     assert a.steps_per_epoch == t.steps_per_epoch == 8
-    images, labels = next(iter(t.loader(0, 0)))
+    images, labels, _ = next(iter(t.loader(0, 0)))
     t.micro_step(images, labels, torch.Generator().manual_seed(0))
     accumulated = t.head.proxies.weight.grad.clone()
     t.optimizer.zero_grad()
@@ -407,7 +418,7 @@ def test_init_from_takes_backbone_and_head_then_trains_afresh(cache, tmp_path, f
     assert out.count("missing, left as initialised: none") == 2
 
     other = Trainer(tiny_config(cache, tmp_path / "other", f"train.init_from={finished}", "head.name=arcface"))
-    assert same_state(other.model, ckpt["model"]) and not torch.equal(other.head.weight, ckpt["head"]["weight"])
+    assert same_state(other.model, ckpt["model"]) and not torch.equal(other.head.proxies.weight, ckpt["head"]["proxies.weight"])
     assert "head not loaded (the checkpoint's is unitsface over 16 classes, this run's arcface over 16)" in \
         capsys.readouterr().out
 
@@ -415,7 +426,7 @@ def test_init_from_takes_backbone_and_head_then_trains_afresh(cache, tmp_path, f
 def test_model_pretrained_loads_the_backbone_only(cache, tmp_path, finished, capsys):
     ckpt = load_checkpoint(finished)
     trainer = Trainer(tiny_config(cache, tmp_path / "pre", f"model.pretrained={finished}"))
-    assert same_state(trainer.model, ckpt["model"]) and not torch.equal(trainer.head.weight, ckpt["head"]["weight"])
+    assert same_state(trainer.model, ckpt["model"]) and not torch.equal(trainer.head.proxies.weight, ckpt["head"]["proxies.weight"])
     assert f"model.pretrained {finished}: {len(ckpt['model'])} tensors loaded (layout unitsface)" in \
         capsys.readouterr().out
     with pytest.raises(UnitsfaceError, match="cannot be loaded into a mobilefacenet backbone"):
@@ -431,8 +442,8 @@ def test_a_vit_with_adamw_groups_takes_a_step(cache, tmp_path):
     settings = {id(p): (g["lr"], g["weight_decay"]) for g in t.optimizer.param_groups for p in g["params"]}
     assert settings[id(t.model.blocks[0].norm1.weight)] == settings[id(t.model.blocks[0].attn.proj.bias)] == (0.001, 0)
     assert settings[id(t.model.blocks[0].attn.qkv.weight)] == settings[id(t.model.pos_embed)] == (0.001, 0.1)
-    assert settings[id(t.head.weight)] == (0.01, 0.1)
-    images, labels = next(iter(t.loader(0, 0)))
+    assert settings[id(t.head.proxies.weight)] == (0.01, 0.1)
+    images, labels, _ = next(iter(t.loader(0, 0)))
     before = t.model.blocks[0].attn.qkv.weight.detach().clone()
     assert math.isfinite(t.micro_step(images, labels, torch.Generator().manual_seed(0)))
     t.optimizer_step()
@@ -498,7 +509,7 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_logs(cache, tmp_path, monkeyp
 def test_wandb_is_imported_only_when_switched_on(tmp_path, monkeypatch):
     code = ("import sys; from pathlib import Path; from unitsface.training.trainer import Trainer; "
             "from unitsface.training.logging import RunLogger; "
-            f"log = RunLogger(Path({str(tmp_path)!r}), True, 2); log.step(1, 0, 1.0, 0.1, 10.0, {{}}, 1); log.close(); "
+            f"log = RunLogger(Path({str(tmp_path)!r}), True, 2); log.step(1, 0, 1.0, 0.1, 10.0, {{}}); log.close(); "
             "assert 'wandb' not in sys.modules, 'imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -508,3 +519,28 @@ def test_wandb_is_imported_only_when_switched_on(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(UnitsfaceError, match=r"train.wandb=true needs the wandb package \(pip install wandb\)"):
         start_wandb(tmp_path, {})
+def test_bad_records_are_replaced_counted_across_workers_and_bounded(cache, tmp_path, capsys):
+    """Key 40 cannot even be scanned, key 3's JPEG does not decode: 2 bad of 128 records."""
+    synthetic = cached_synthetic_dataset(cache, identities=16, images_per_identity=8, seed=0, val_pairs=40)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(synthetic / name, data / name)
+    damage(data, [3], "image")
+    damage(data, [40], "frame")
+    args = [*TINY, f"data.train={data}", f"data.val=[{synthetic / 'val.bin'}]", "train.epochs=1", "train.workers=2"]
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="replacing an unreadable record"):
+        Trainer(load_config("demo", [*args, "data.max_bad_fraction=0.05", f"output={out}"])).fit()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 8))  # 127 images: 7 batches of 16
+    assert logged[0]["bad_records"] >= 1 and logged[0]["bad_record_ids"][0] == 40  # the scan's, from step 1
+    last = [r for r in logged if "loss" in r][-1]
+    assert (last["bad_records"], last["bad_record_ids"]) == (2, [40, 3])
+    assert load_checkpoint(out / "last.pt")["bad_records"] == [40, 3]
+    capsys.readouterr()
+    assert main(["train", "--config", "demo", *args, "data.max_bad_fraction=0.01", f"output={tmp_path / 'stop'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    err = err[err.index("error: "):]  # after the progress bar
+    assert err.startswith(f"error: 2 unreadable records in {data / 'train.rec'} exceed data.max_bad_fraction "
+                          "(1 of 128 records); first: ") and "key 40: bad magic" in err and "\n" not in err

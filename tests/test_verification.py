@@ -21,6 +21,7 @@ from unitsface.evaluation.verification import (
     far_frr_at,
     per_class_contiguous_folds,
     read_lfw_pairs,
+    roc_counts,
     roc_curve,
     scores_from_pairs,
     tar_at_far,
@@ -178,6 +179,22 @@ def test_roc_matches_scikit_learn_with_ties(drop):
     np.testing.assert_array_equal(fpr, sk_fpr)
     np.testing.assert_array_equal(tpr, sk_tpr)
     np.testing.assert_array_equal(thr[1:], sk_thr[1:])
+
+
+def test_interp_auc_and_in_place_counts_equal_the_plain_computations():
+    """The interp reading looks at two points per target, AUC runs in buffers, `overwrite` sorts in place:
+    all must equal the whole-curve formulas bit for bit."""
+    rng = np.random.default_rng(4)
+    s = np.round(rng.normal(size=4000), 2)  # ties: vertical and horizontal segments
+    y = rng.random(4000) < 0.3
+    fpr, tpr, _ = roc_curve(s, y)
+    top = np.r_[fpr[1:] != fpr[:-1], True]
+    targets = [-0.1, 0.0, 1e-3, 0.05, 0.5, 0.999, 1.0, 1.2]
+    assert tar_at_far(fpr, tpr, targets, "interp") == {x: float(np.interp(x, fpr[top], tpr[top])) for x in targets}
+    assert auc(fpr, tpr) == float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    owned = s.copy()
+    for a, b in zip(roc_counts(owned, y, overwrite=True), roc_counts(s, y)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_closest_reading_matches_insightface_loop():

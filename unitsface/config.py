@@ -257,6 +257,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise UnitsfaceError(f"config key {key!r} must be 0 or a number of steps, got {flat[key]}")
     if flat["train.max_steps"] is not None and flat["train.max_steps"] <= 0:
         raise UnitsfaceError(f"config key 'train.max_steps' must be positive, got {flat['train.max_steps']}")
+    if not 0 <= flat["data.max_bad_fraction"] < 1:
+        raise UnitsfaceError(f"data.max_bad_fraction must be in [0, 1), got {flat['data.max_bad_fraction']}")
     if not all(isinstance(m, int) and m >= 0 for m in flat["train.milestones"]):
         raise UnitsfaceError(f"train.milestones must be a list of epoch numbers, got {flat['train.milestones']}")
     if not all(isinstance(v, str) for v in flat["data.val"]):

@@ -7,6 +7,7 @@ features) goes through these functions.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -49,3 +50,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (bytes or text) to `path` atomically."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as handle:
         handle.write(data)
+
+
+def remove_stale_temp_files(target: str | os.PathLike) -> int:
+    """Delete the temp files `temp_file` made for `target` (a file, or every file directly in a folder) that
+    are still there: left by a process killed mid-write. Returns how many. Only where nothing else writes
+    at the time: a checkpoint (one writer), the output folder of a run as it starts.
+    """
+    target = Path(target)
+    folder, name = (target, "*") if target.is_dir() else (target.parent, glob.escape(target.name))
+    stale = list(folder.glob(f".{name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)

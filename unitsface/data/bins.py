@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, brief, one_line
 from unitsface.io import atomic_write
 
 _ALLOWED_DTYPES = ("u1", "b1")
@@ -34,26 +35,28 @@ class _NdarrayClass:
 def _checked_dtype(spec: Any, *_flags: Any) -> np.dtype:
     name = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
     if name not in _ALLOWED_DTYPES:
-        raise _Refused(f"numpy.dtype({name!r}) (only uint8 and bool arrays are allowed)")
+        raise _Refused(f"numpy.dtype({brief(name)}) (only uint8 and bool arrays are allowed)")
     return np.dtype(name)
 
 
 def _require_dtype(dtype: Any) -> np.dtype:
     if not isinstance(dtype, np.dtype) or dtype.str[1:] not in _ALLOWED_DTYPES:
-        raise _Refused(f"an array of dtype {dtype!r}")
+        raise _Refused(f"an array of dtype {brief(dtype)}")
     return dtype
 
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
     """`numpy.core.multiarray._reconstruct`: an empty array that BUILD then fills."""
     if cls is not _NdarrayClass:
-        raise _Refused(f"_reconstruct of {cls!r}")
+        raise _Refused(f"_reconstruct of {brief(cls)}")
     return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     """`numpy.core.numeric._frombuffer` (protocol 5 arrays, in-band buffers only)."""
-    return np.frombuffer(bytes(buffer), dtype=_require_dtype(dtype)).reshape(shape, order=order)
+    if not isinstance(buffer, (bytes, bytearray)):  # bytes(2**40) would allocate a terabyte of zeros
+        raise _Refused(f"_frombuffer of a {type(buffer).__name__}")
+    return np.frombuffer(buffer, dtype=_require_dtype(dtype)).reshape(shape, order=order)
 
 
 def _scalar(dtype: Any, data: Any = b"") -> np.generic:
@@ -67,7 +70,7 @@ def _scalar(dtype: Any, data: Any = b"") -> np.generic:
 def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     """`_codecs.encode`, as Python 3 uses it to pickle `bytes` at protocol <= 2."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+        raise _Refused(f"_codecs.encode with encoding {brief(encoding)}")
     return text.encode("latin1")
 
 
@@ -91,6 +94,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _Refused("a persistent id")
 
 
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _check_opcodes(data: bytes) -> None:
+    """One pass over the opcodes before anything is built; raises on damage.
+
+    CPython's unpickler sizes its memo table by the largest index it has read and clears every new
+    slot, so `LONG_BINPUT 2**30` alone writes gigabytes. A pickler numbers memo entries in order, so
+    an index can never exceed the opcodes read so far; genops also checks every length field against
+    the bytes that remain, without allocating what a length claims.
+    """
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data)), 1):
+        if opcode.name in _MEMO_OPS and not 0 <= int(arg) < count:
+            raise ValueError(f"{opcode.name} with memo index {arg} after {count} opcodes")
+
+
 def _image_bytes(entry: Any, index: int, path: Path) -> bytes:
     if isinstance(entry, (bytes, bytearray)):
         return bytes(entry)
@@ -107,7 +126,7 @@ def _issame_array(issame: Any, path: Path) -> np.ndarray:
         bad = next((i for i, v in enumerate(issame) if not isinstance(v, (bool, np.bool_))), None)
         if bad is None:
             return np.asarray(issame, dtype=bool)
-        raise UnitsfaceError(f"{path}: issame entry {bad} is {issame[bad]!r}, expected a boolean")
+        raise UnitsfaceError(f"{path}: issame entry {bad} is {brief(issame[bad])}, expected a boolean")
     raise UnitsfaceError(f"{path}: issame_list is a {type(issame).__name__}, expected a list of booleans")
 
 
@@ -124,11 +143,12 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     if not data:
         raise UnitsfaceError(f"{path} is empty")
     try:
+        _check_opcodes(data)
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as exc:
         raise UnitsfaceError(f"refusing to unpickle {path}: the file references {exc}") from None
     except Exception as exc:  # arbitrary bytes can fail inside pickle in many ways
-        raise UnitsfaceError(f"{path} is not a valid .bin pickle: {type(exc).__name__}: {exc}") from None
+        raise UnitsfaceError(f"{path} is not a valid .bin pickle: {type(exc).__name__}: {one_line(exc)}") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], (list, tuple))):
         raise UnitsfaceError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
     images = [_image_bytes(entry, i, path) for i, entry in enumerate(obj[0])]

@@ -9,10 +9,13 @@ pipes and host-to-device copies, and normalising once per batch is cheaper than 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from unitsface import parallel
 from unitsface.data.images import FACE_SIZE, decode, list_image_folder, to_face_image
-from unitsface.data.recordio import IndexedRecordIO, resolve_record_paths, scan_dataset, unpack
+from unitsface.data.recordio import IndexedRecordIO, image_label, resolve_record_paths, scan_dataset, unpack
 from unitsface.errors import UnitsfaceError
 
 
@@ -31,24 +34,45 @@ def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(127.5).sub_(1.0)
 
 
-class _FaceDataset(Dataset):
-    """Decoding, flip augmentation and bad-image accounting shared by both layouts.
+Sample = tuple[torch.Tensor, int, tuple[int, ...]]
+"""(uint8 CHW image, class, ids of the unreadable records this sample stands in for: usually none)."""
 
-    A corrupt image in a multi-million-image set should not end a multi-day run, but
-    many of them mean a broken file: bad samples are replaced by the next good one and
-    counted, with one warning, until they exceed `max_bad_fraction` of the dataset. The
-    count is per process (each loader worker holds its own copy of the dataset).
+
+class _FaceDataset(Dataset):
+    """Decoding, flip augmentation and bad-record replacement shared by both layouts.
+
+    A corrupt JPEG or a truncated record in a multi-million-image set must not end a multi-day
+    run, but many of them mean a broken file. A sample whose record cannot be read is replaced
+    by another image of its class, picked by (index, epoch) so that a resumed run reads exactly
+    what an uninterrupted one would (a class left with no readable image borrows from the rest of
+    the set). The ids of the unreadable records travel with the sample: loader workers are
+    separate processes, so only what a sample carries reaches the training process, where
+    `BadRecords` counts them and enforces `max_bad_fraction`.
     """
 
-    def __init__(self, labels: np.ndarray, num_classes: int, train: bool, flip: bool, max_bad_fraction: float):
+    def __init__(self, labels: np.ndarray, num_classes: int, train: bool, flip: bool, max_bad_fraction: float,
+                 source: str, unreadable: np.ndarray | tuple[int, ...] = ()):
         self.labels = labels
         self.num_classes = num_classes
         self.flip = train and flip
-        self.max_bad = int(max_bad_fraction * len(labels))
-        self.bad_count = 0
+        self.source = source  # the file or folder named when the bad records are too many
+        self.unreadable = tuple(int(k) for k in unreadable)  # ids the index scan could not read
+        self.max_bad = int(max_bad_fraction * (len(labels) + len(self.unreadable)))
+        self._known_bad: set[int] = set()  # this process: indices not worth rereading
+        self._by_class: tuple[np.ndarray, np.ndarray] | None = None
+        if len(self.unreadable) > self.max_bad:
+            raise self.too_many_bad(self.unreadable)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getstate__(self) -> dict:
+        # A worker starts without the bad records this process knows: it reports every one it meets.
+        return {**self.__dict__, "_known_bad": set()}
+
+    def record_id(self, index: int) -> int:
+        """How the user finds sample `index` in the data (a `.idx` key, a file's position)."""
+        raise NotImplementedError
 
     def _load(self, index: int) -> tuple[bytes, str]:
         """(encoded image, its name for messages)."""
@@ -66,21 +90,51 @@ class _FaceDataset(Dataset):
         # in the main process, go through its thread pool.
         return torch.from_numpy(np.ascontiguousarray(chw))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for attempt in range(len(self)):
-            current = (index + attempt) % len(self)
+    def problem(self, record_id: int) -> str:
+        """Why record `record_id` cannot be read (read again: only called on the way to an error message)."""
+        raise NotImplementedError
+
+    def too_many_bad(self, ids: Iterable[int]) -> UnitsfaceError:
+        """The error that stops a run: how many records are unreadable, where, and why the first one is."""
+        ids = list(ids)
+        return UnitsfaceError(
+            f"{len(ids)} unreadable records in {self.source} exceed data.max_bad_fraction ({self.max_bad} of "
+            f"{len(self) + len(self.unreadable)} records); first: {self.problem(ids[0])}"
+        )
+
+    def _candidates(self, index: int, epoch: int) -> Iterator[int]:
+        """`index`, then the other images of its class in an order fixed by (index, epoch), then the rest."""
+        yield index
+        if self._by_class is None:  # built on the first bad record only: an argsort of millions of labels
+            order = np.argsort(self.labels, kind="stable")
+            self._by_class = order, np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+        order, starts = self._by_class
+        label = self.labels[index]
+        rng = np.random.default_rng((index, epoch))
+        for other in rng.permutation(order[starts[label] : starts[label + 1]]):
+            if other != index:
+                yield int(other)
+        first = int(rng.integers(len(self)))
+        for k in range(len(self)):
+            other = (first + k) % len(self)
+            if self.labels[other] != label:
+                yield other
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Sample:
+        """Sample `index` of `epoch`; `item` is (index, epoch) from EpochSampler, or an index (epoch 0)."""
+        index, epoch = (int(item[0]), int(item[1])) if isinstance(item, tuple) else (int(item), 0)
+        bad: list[int] = []
+        for candidate in self._candidates(index, epoch):
+            if candidate in self._known_bad:
+                continue
             try:
-                return self._image(current), int(self.labels[current])
-            except UnitsfaceError as exc:
-                self.bad_count += 1
-                if self.bad_count > self.max_bad:
-                    raise UnitsfaceError(
-                        f"{self.bad_count} undecodable images exceed max_bad_fraction "
-                        f"({self.max_bad} of {len(self)}); last: {exc}"
-                    ) from None
-                if self.bad_count == 1:
-                    warnings.warn(f"skipping undecodable image ({exc}); further ones are only counted", stacklevel=2)
-        raise UnitsfaceError("no decodable image in the dataset")
+                return self._image(candidate), int(self.labels[candidate]), tuple(bad)
+            except UnitsfaceError:
+                self._known_bad.add(candidate)
+                bad.append(self.record_id(candidate))
+            if len(self._known_bad) + len(self.unreadable) > self.max_bad:
+                break  # the training process has counted at least as many and stops before using this sample
+        return torch.zeros(3, FACE_SIZE, FACE_SIZE, dtype=torch.uint8), int(self.labels[index]), tuple(bad)
 
 
 class RecordDataset(_FaceDataset):
@@ -92,21 +146,34 @@ class RecordDataset(_FaceDataset):
         self.idx_path, self.rec_path = resolve_record_paths(folder)
         index = scan_dataset(folder)
         self.keys = index.keys
-        super().__init__(index.labels, index.num_classes, train, flip, max_bad_fraction)
         self._reader: IndexedRecordIO | None = None
+        super().__init__(index.labels, index.num_classes, train, flip, max_bad_fraction, str(self.rec_path),
+                         index.unreadable)
 
     def __getstate__(self) -> dict:
         # Each worker maps the file itself: an open mmap cannot be pickled for spawn.
-        state = self.__dict__.copy()
-        state["_reader"] = None
-        return state
+        return {**super().__getstate__(), "_reader": None}
 
-    def _load(self, index: int) -> tuple[bytes, str]:
+    def record_id(self, index: int) -> int:
+        return int(self.keys[index])
+
+    def _read(self, key: int) -> tuple[bytes, str]:
         if self._reader is None:
             self._reader = IndexedRecordIO(self.idx_path, self.rec_path)
-        key = int(self.keys[index])
         source = f"{self.rec_path} key {key}"
         return unpack(self._reader.read(key), source)[1], source
+
+    def _load(self, index: int) -> tuple[bytes, str]:
+        return self._read(self.record_id(index))
+
+    def problem(self, record_id: int) -> str:
+        try:
+            data, source = self._read(record_id)
+            decode(data, source)
+            image_label(self._reader, record_id)  # type: ignore[arg-type]
+        except UnitsfaceError as exc:
+            return str(exc)
+        return f"{self.rec_path} key {record_id} reads now"  # a file changed under a running job
 
 
 class ImageFolderDataset(_FaceDataset):
@@ -117,7 +184,10 @@ class ImageFolderDataset(_FaceDataset):
         self.classes = classes
         self.paths = [path for path, _ in items]
         labels = np.asarray([label for _, label in items], dtype=np.int64)
-        super().__init__(labels, len(classes), train, flip, max_bad_fraction)
+        super().__init__(labels, len(classes), train, flip, max_bad_fraction, str(root))
+
+    def record_id(self, index: int) -> int:
+        return index
 
     def _load(self, index: int) -> tuple[bytes, str]:
         path: Path = self.paths[index]
@@ -126,15 +196,66 @@ class ImageFolderDataset(_FaceDataset):
         except OSError as exc:
             raise UnitsfaceError(f"cannot read {path}: {exc.strerror}") from None
 
+    def problem(self, record_id: int) -> str:
+        try:
+            decode(*self._load(record_id))
+        except UnitsfaceError as exc:
+            return str(exc)
+        return f"{self.paths[record_id]} reads now"
 
-def collate_faces(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 B×3×H×W, int64 B) stacked by numpy: a single-threaded memcpy, whereas torch.stack
-    goes through the thread pool, which costs more than the copy on a busy host."""
-    images = torch.from_numpy(np.stack([image.numpy() for image, _ in samples]))
-    return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+class BadRecords:
+    """The distinct unreadable records this process's training has met, and the max_bad_fraction stop.
+
+    Fed by the ids each batch carries (`collate_faces`), so the count is right whichever loader
+    worker met a record; distinct ids, because every epoch meets the same bad records again.
+    Starts with the records the index scan could not read. With several ranks each counts what
+    it met, a lower bound of the global count, so no rank stops a run the rule would allow.
+    """
+
+    SHOWN = 5  # ids listed in the metrics
+
+    def __init__(self, dataset: _FaceDataset) -> None:
+        self.dataset = dataset
+        self.ids: dict[int, None] = dict.fromkeys(dataset.unreadable)  # insertion-ordered set
+        self._warned = False
+
+    def add(self, bad: torch.Tensor) -> None:
+        """Count a batch's bad ids (a CPU tensor, usually empty); raises past max_bad_fraction."""
+        if not bad.numel():
+            return
+        ids = bad.tolist()
+        self.ids.update(dict.fromkeys(ids))
+        if len(self.ids) > self.dataset.max_bad:
+            raise self.dataset.too_many_bad(self.ids)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"replacing an unreadable record ({self.dataset.problem(ids[0])}); further ones "
+                          "are only counted (bad_records in metrics.jsonl)", stacklevel=2)
+
+    def stats(self) -> dict[str, Any]:
+        """`bad_records` and the first few ids (`bad_record_ids`) for the metrics; nothing while none."""
+        if not self.ids:
+            return {}
+        return {"bad_records": len(self.ids), "bad_record_ids": list(itertools.islice(self.ids, self.SHOWN))}
+
+    def state(self) -> list[int]:
+        return list(self.ids)
+
+    def load(self, ids: Iterable[int]) -> None:
+        self.ids = dict.fromkeys([*self.dataset.unreadable, *(int(i) for i in ids)])
 
 
-class EpochSampler(Sampler[int]):
+def collate_faces(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 B×3×H×W, int64 B labels, int64 ids of the unreadable records met). Images are stacked by
+    numpy: a single-threaded memcpy, whereas torch.stack goes through the thread pool, which costs more
+    than the copy on a busy host."""
+    images = torch.from_numpy(np.stack([image.numpy() for image, _, _ in samples]))
+    labels = torch.tensor([label for _, label, _ in samples], dtype=torch.int64)
+    return images, labels, torch.tensor([i for _, _, ids in samples for i in ids], dtype=torch.int64)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
     """A permutation fixed by (seed, epoch), dealt to the ranks batch by batch, starting at `start`.
 
     Being a pure function of its arguments is what makes resume exact without replaying
@@ -159,8 +280,9 @@ class EpochSampler(Sampler[int]):
         mine = order[: blocks * world * batch].view(blocks, world, batch)[:, rank].reshape(-1)
         return mine[self.start :].tolist()
 
-    def __iter__(self):
-        return iter(self.indices())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(index, epoch): the epoch reaches the dataset, which picks replacements for bad records by it."""
+        return ((i, self.epoch) for i in self.indices())
 
     def __len__(self) -> int:
         return len(self.indices())

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 
 FACE_SIZE = 112
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
+# The Pillow formats of IMAGE_EXTENSIONS. Pillow otherwise guesses among dozens of formats, some
+# without a signature (TGA), so random bytes could "open" as an image with a made-up header.
+PIL_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
+# 64 Mpixel (8192²; 192 MiB as RGB): far beyond any face photo. A larger size read from a header is
+# taken for damage and refused before a decoder allocates the pixels (a flipped bit in a JPEG SOF can
+# claim 65535² = 12 GiB).
+MAX_PIXELS = 1 << 26
 _JPEG_SOI = b"\xff\xd8"
 
 
@@ -28,21 +36,49 @@ def is_jpeg(data: bytes) -> bool:
     return bytes(data[:2]) == _JPEG_SOI
 
 
+def _check_pixels(height: int, width: int, source: str) -> None:
+    if height * width > MAX_PIXELS:
+        raise UnitsfaceError(f"{source}: a {width}x{height} image exceeds the {MAX_PIXELS}-pixel limit "
+                             "(a damaged header?)")
+
+
+def _open(data: bytes, source: str) -> Image.Image:
+    """A lazily decoded Pillow image of one of PIL_FORMATS whose size passed the pixel limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # our own limit is lower anyway
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    _check_pixels(img.height, img.width, source)
+    return img
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its message names a BytesIO object
+        return f"not a {', '.join(PIL_FORMATS)} image"
+    return one_line(exc)
+
+
 def decode(data: bytes, source: str = "image") -> np.ndarray:
     """Decode encoded image bytes to an HxWx3 uint8 RGB array.
 
-    `source` only names the data in the error message (a file or record key).
+    `source` only names the data in the error message (a file or record key). Whatever the
+    bytes, the outcome is an image or a one-line UnitsfaceError: decoders fail on damaged data
+    in many ways (OSError, ValueError, SyntaxError, struct.error, ...), all of which mean
+    "cannot decode".
     """
-    if is_jpeg(data):
-        try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ValueError:
-            pass  # CMYK, arithmetic coding, ...: let Pillow try before giving up
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        if is_jpeg(data):
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+                _check_pixels(height, width, source)
+                return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            except ValueError:
+                pass  # CMYK, arithmetic coding, ...: let Pillow try before giving up
+        with _open(data, source) as img:
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UnitsfaceError(f"cannot decode {source} ({len(data)} bytes): {exc}") from None
+    except UnitsfaceError:
+        raise
+    except Exception as exc:
+        raise UnitsfaceError(f"cannot decode {source} ({len(data)} bytes): {_reason(exc)}") from None
 
 
 def image_size(data: bytes, source: str = "image") -> tuple[int, int]:
@@ -50,11 +86,15 @@ def image_size(data: bytes, source: str = "image") -> tuple[int, int]:
     try:
         if is_jpeg(data):
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            return int(height), int(width)
-        with Image.open(io.BytesIO(data)) as img:
-            return img.height, img.width
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UnitsfaceError(f"cannot read the size of {source}: {exc}") from None
+        else:
+            with _open(data, source) as img:
+                height, width = img.height, img.width
+        _check_pixels(height, width, source)
+        return int(height), int(width)
+    except UnitsfaceError:
+        raise
+    except Exception as exc:
+        raise UnitsfaceError(f"cannot read the size of {source}: {_reason(exc)}") from None
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:

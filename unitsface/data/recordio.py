@@ -25,7 +25,7 @@ from typing import IO, Callable, NamedTuple, Union
 import numpy as np
 
 from unitsface.data.images import decode, encode_jpeg, image_size
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, brief
 from unitsface.io import atomic_write, temp_file
 
 MAGIC = 0xCED7230A
@@ -207,7 +207,7 @@ class IndexedRecordIO:
                         raise ValueError
                 except (ValueError, IndexError):
                     raise UnitsfaceError(
-                        f"{self.idx_path} line {line_no}: expected '<key>\\t<offset>', got {line!r}"
+                        f"{self.idx_path} line {line_no}: expected '<key>\\t<offset>', got {brief(line)}"
                     ) from None
                 if key in self._offsets:
                     raise UnitsfaceError(f"{self.idx_path} line {line_no}: duplicate key {key}")
@@ -362,13 +362,17 @@ class RecordIndex:
     has_meta: bool  # record 0 is an insightface meta header
     skipped: int  # records with no image data (identity-range records met by the scan)
     image_shape: tuple[int, int] | None  # (height, width) from the `property` file
+    unreadable: np.ndarray  # int64 keys whose frame, IRHeader or label could not be read (not in `keys`)
 
 
 def _meta_limit(reader: IndexedRecordIO) -> int | None:
     """label[0] of record 0 if it passes every check of formats.md §4.3, else None."""
     if 0 not in reader:
         return None
-    head, length = reader.read_head(0, HEADER_BYTES + 8)
+    try:
+        head, length = reader.read_head(0, HEADER_BYTES + 8)
+    except UnitsfaceError:
+        return None  # an unreadable record 0: scanned (and set aside) like any other record
     if length != HEADER_BYTES + 8 or len(head) < HEADER_BYTES:
         return None
     header, _ = unpack(head)
@@ -388,10 +392,33 @@ def _read_property(folder: Path) -> tuple[int, tuple[int, int]] | None:
     if not path.is_file():
         return None
     try:
-        classes, height, width = (int(v) for v in path.read_text().strip().split(","))
+        classes, height, width = (int(v) for v in path.read_bytes().decode("ascii", "replace").strip().split(","))
     except ValueError:
         raise UnitsfaceError(f"{path}: expected '<num_classes>,<height>,<width>'") from None
+    # Class numbers are float32 labels (exact below 2^24); a damaged count must not size a classifier.
+    if not (0 < classes <= FLOAT32_EXACT and 0 < height < 1 << 16 and 0 < width < 1 << 16):
+        raise UnitsfaceError(f"{path}: {classes},{height},{width} is not a class count in [1, 2^24] and an image "
+                             "size in [1, 65535]")
     return classes, (height, width)
+
+
+def image_label(reader: IndexedRecordIO, key: int) -> int | None:
+    """The class of image record `key` from its IRHeader alone; None for a record without image data.
+
+    Labels are float32 in the file: only integers in [0, 2^24) name a class exactly (§4.5), so
+    anything else (a flipped exponent bit, NaN) is a damaged record, not a class to allocate.
+    """
+    head, length = reader.read_head(key, HEADER_BYTES + 4)
+    if len(head) < HEADER_BYTES:
+        raise UnitsfaceError(f"{reader.rec_path} key {key}: payload of {length} bytes is shorter than the IRHeader")
+    flag, label = _HEADER.unpack_from(head)[:2]
+    if length <= HEADER_BYTES + 4 * flag:
+        return None  # no image data: an identity-range record, or a header past the payload
+    if flag > 0:
+        label = struct.unpack_from("<f", head, HEADER_BYTES)[0]
+    if not (label.is_integer() and 0 <= label < FLOAT32_EXACT):
+        raise UnitsfaceError(f"{reader.rec_path} key {key}: label {label} is not a class (an integer in [0, 2^24))")
+    return int(label)
 
 
 def _scan(idx: Path, rec: Path) -> RecordIndex:
@@ -409,22 +436,19 @@ def _scan(idx: Path, rec: Path) -> RecordIndex:
                 raise UnitsfaceError(
                     f"{idx}: record 0 says images are keys 1..{limit - 1} but key {missing} is missing"
                 )
-        keys, labels = [], []
+        keys, labels, unreadable = [], [], []
         for key in candidates:
-            head, length = reader.read_head(key, HEADER_BYTES + 4)
-            if len(head) < HEADER_BYTES:
-                raise UnitsfaceError(f"{rec} key {key}: payload of {length} bytes is shorter than the IRHeader")
-            flag, label = _HEADER.unpack_from(head)[:2]
-            if length <= HEADER_BYTES + 4 * flag:
-                continue  # no image data: an identity-range record, or a header past the payload
-            if flag > 0:
-                label = struct.unpack_from("<f", head, HEADER_BYTES)[0]
-            if not (label.is_integer() and label >= 0):
-                raise UnitsfaceError(f"{rec} key {key}: label {label} is not a non-negative integer class")
-            keys.append(key)
-            labels.append(int(label))
+            try:
+                label = image_label(reader, key)
+            except UnitsfaceError:
+                unreadable.append(key)  # a damaged record must not make the other millions unusable
+                continue
+            if label is not None:
+                keys.append(key)
+                labels.append(label)
     if not keys:
-        raise UnitsfaceError(f"{rec} holds no image records")
+        broken = f" ({len(unreadable)} unreadable records, e.g. key {unreadable[0]})" if unreadable else ""
+        raise UnitsfaceError(f"{rec} holds no image records{broken}")
     label_array = np.asarray(labels, dtype=np.int64)
     num_classes = int(label_array.max()) + 1
     prop = _read_property(rec.parent)
@@ -439,14 +463,38 @@ def _scan(idx: Path, rec: Path) -> RecordIndex:
         labels=label_array,
         num_classes=num_classes,
         has_meta=limit is not None,
-        skipped=len(candidates) - len(keys),
+        skipped=len(candidates) - len(keys) - len(unreadable),
         image_shape=prop[1] if prop else None,
+        unreadable=np.asarray(unreadable, dtype=np.int64),
     )
 
 
 def _stamp(*paths: Path) -> np.ndarray:
     stats = [os.stat(p) for p in paths if p.exists()]
     return np.asarray([v for s in stats for v in (s.st_size, s.st_mtime_ns)], dtype=np.int64)
+
+
+_CACHED = ("keys", "labels", "num_classes", "has_meta", "skipped", "unreadable")
+
+
+def _cached_scan(path: Path, stamp: np.ndarray) -> RecordIndex | None:
+    """The scan stored at `path` if it is readable and stamped `stamp`; anything else is a cache miss."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if not (set(_CACHED) <= set(saved.files) and np.array_equal(saved["stamp"], stamp)):
+                return None
+            shape = tuple(int(v) for v in saved["image_shape"])
+            return RecordIndex(
+                keys=saved["keys"],
+                labels=saved["labels"],
+                num_classes=int(saved["num_classes"]),
+                has_meta=bool(saved["has_meta"]),
+                skipped=int(saved["skipped"]),
+                image_shape=shape if len(shape) == 2 else None,  # type: ignore[arg-type]
+                unreadable=saved["unreadable"],
+            )
+    except Exception:  # a damaged cache file (any of numpy's or zipfile's errors) is only a miss
+        return None
 
 
 def scan_dataset(folder: str | os.PathLike, cache: bool = True) -> RecordIndex:
@@ -460,21 +508,13 @@ def scan_dataset(folder: str | os.PathLike, cache: bool = True) -> RecordIndex:
     cache_path = idx.with_suffix(".scan.npz")
     stamp = _stamp(idx, rec, rec.parent / "property")
     if cache and cache_path.is_file():
-        with np.load(cache_path, allow_pickle=False) as saved:
-            if np.array_equal(saved["stamp"], stamp):
-                shape = tuple(int(v) for v in saved["image_shape"])
-                return RecordIndex(
-                    keys=saved["keys"],
-                    labels=saved["labels"],
-                    num_classes=int(saved["num_classes"]),
-                    has_meta=bool(saved["has_meta"]),
-                    skipped=int(saved["skipped"]),
-                    image_shape=shape if shape else None,  # type: ignore[arg-type]
-                )
+        index = _cached_scan(cache_path, stamp)
+        if index is not None:
+            return index
     index = _scan(idx, rec)
     if cache:
         buffer = io.BytesIO()
-        fields = {k: getattr(index, k) for k in ("keys", "labels", "num_classes", "has_meta", "skipped")}
+        fields = {k: getattr(index, k) for k in _CACHED}
         np.savez(buffer, stamp=stamp, image_shape=np.asarray(index.image_shape or (), np.int64), **fields)
         try:
             atomic_write(cache_path, buffer.getvalue())

@@ -3,35 +3,40 @@
 The computations follow insightface `eval_ijbc.py` / `ijb_evals.py` exactly (evaluation.md §5), including
 their float32 image -> media -> template accumulation, but replace the per-template Python loops (a
 `np.where` over all images for each of 23k templates) by one sort plus segment sums, and score pairs
-with dense BLAS blocks when pairs are dense enough. On an IJB-C-sized synthetic set (469k images, 15.7M
-pairs, d=512) `evaluate_ijb` takes about 12 CPU-seconds against about 100 for the loops
-(bench/ijb_speed.py).
+with dense BLAS blocks when pairs are dense enough. At IJB-C size (469k images, 15.7M pairs) the cost is
+one float64 GEMM, one sort of the scores and one pass over the features; past that, fresh memory costs
+more than arithmetic, so big arrays are few and buffers are reused (bench/ijb_speed.py measures it
+against eval_ijbc.py's stages; docs/evaluation.md has the numbers).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 from unitsface.evaluation.verification import (
     LargestScores,
     auc,
     l2_normalize,
-    rates_from_counts,
+    roc_corners,
     roc_counts,
+    roc_rates,
     tar_at_far,
 )
 
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-IMAGE_CHUNK = 32768  # images gathered at once while pooling (32k x 1024 float32 = 128 MiB)
-PAIR_CHUNK = 1 << 20  # pairs per dense block group
+IMAGE_CHUNK = 32768  # images per pooling chunk; its buffers hold one row per media (<= 32k x 1024 float32)
+PAIR_CHUNK = 1 << 22  # pairs per group: an IJB-C group block is 900 x 19.6k float64 (141 MB), 4 BLAS calls
+PAIR_WINDOW = 1 << 20  # pairs whose indices are handled at once (8 MB temporaries, reused rather than fresh)
 GATHER_CHUNK = 8192  # pairs per row gather when pairs are sparse (2 x 8192 x 512 float64 = 64 MiB)
 DENSE_RATIO = 8  # score a pair chunk as a dense block when block size <= DENSE_RATIO x pairs
 
@@ -95,10 +100,17 @@ def _meta_dir(root: Union[str, Path], name: str) -> Path:
     raise UnitsfaceError(f"IJB meta folder not found: expected {root / name / 'meta'}")
 
 
-def _read_rows(path: Path, n_fields: int) -> list[list[str]]:
+def _read_text(path: Path, what: str = "IJB meta file") -> str:
     if not path.is_file():
-        raise UnitsfaceError(f"IJB meta file missing: {path}")
-    rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+        raise UnitsfaceError(f"{what} missing: {path}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnitsfaceError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_rows(path: Path, n_fields: int) -> list[list[str]]:
+    rows = [ln.split() for ln in _read_text(path).splitlines() if ln.strip()]
     for i, r in enumerate(rows):
         if len(r) != n_fields:
             raise UnitsfaceError(f"{path}: line {i + 1} has {len(r)} fields, expected {n_fields}")
@@ -114,7 +126,7 @@ def _read_int_table(path: Path, n_cols: int) -> np.ndarray:
         try:
             table = np.loadtxt(path, dtype=np.int64, ndmin=2)
         except ValueError as exc:
-            raise UnitsfaceError(f"{path}: {str(exc).split(';')[0]}") from exc
+            raise UnitsfaceError(f"{path}: {one_line(exc).split(';')[0]}") from None
     if table.shape[0] == 0 or table.shape[1] != n_cols:
         raise UnitsfaceError(f"{path}: expected rows of {n_cols} integers, got a table of shape {table.shape}")
     return table
@@ -137,8 +149,8 @@ def read_ijb_meta(root: Union[str, Path], name: str = "IJBC") -> IJBMeta:
     try:
         tm = np.array([r[1:] for r in tid], dtype=np.int64)
         nums = np.array([r[1:] for r in pts], dtype=np.float32)
-    except ValueError as exc:
-        raise UnitsfaceError(f"{meta}: non-numeric template/media/landmark value ({exc})") from exc
+    except (ValueError, OverflowError) as exc:
+        raise UnitsfaceError(f"{meta}: non-numeric or out-of-range template/media/landmark value ({exc})") from None
     pairs = _read_int_table(meta / f"{pre}_template_pair_label.txt", 3)
     known = np.unique(tm[:, 0])
     missing = np.setdiff1d(pairs[:, :2], known)
@@ -161,15 +173,12 @@ def read_ijb_1n_meta(root: Union[str, Path], name: str = "IJBC") -> dict[str, tu
     files = {g: meta / f"{pre}_1N_gallery_{g}.csv" for g in gal} | {"probe": meta / f"{pre}_1N_probe_mixed.csv"}
     out = {}
     for key, path in files.items():
-        if not path.is_file():
-            raise UnitsfaceError(f"IJB 1:N file missing: {path}")
-        with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))[1:]
         try:
+            rows = list(csv.reader(io.StringIO(_read_text(path, "IJB 1:N file"), newline="")))[1:]
             tids = np.array([int(r[0]) for r in rows if r], dtype=np.int64)
             sids = np.array([int(r[1]) for r in rows if r], dtype=np.int64)
-        except (ValueError, IndexError) as exc:
-            raise UnitsfaceError(f"{path}: expected integer TEMPLATE_ID,SUBJECT_ID columns ({exc})") from exc
+        except (ValueError, IndexError, OverflowError, csv.Error) as exc:
+            raise UnitsfaceError(f"{path}: expected integer TEMPLATE_ID,SUBJECT_ID columns ({one_line(exc)})") from None
         u, first, inv = np.unique(tids, return_index=True, return_inverse=True)
         clash = np.flatnonzero(sids != sids[first][inv])
         if len(clash):
@@ -180,14 +189,22 @@ def read_ijb_1n_meta(root: Union[str, Path], name: str = "IJBC") -> dict[str, tu
 
 # ---------------------------------------------------------------------------------------------- pooling
 def image_features(
-    features: np.ndarray, faceness: Optional[np.ndarray], flip: bool, norm_score: bool, detector_score: bool
+    features: np.ndarray, faceness: Optional[np.ndarray], flip: bool, norm_score: bool, detector_score: bool,
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Per-image features after the test-mode switches of §5.1, in float32 as insightface computes them.
 
-    features rows are [f(image) | f(flipped image)] (2d columns).
+    features rows are [f(image) | f(flipped image)] (2d columns); `out`, a float32 buffer of the result's
+    shape, saves the allocation.
     """
     d = features.shape[1] // 2
-    g = np.add(features[:, :d], features[:, d:], dtype=np.float32) if flip else features[:, :d].astype(np.float32)
+    if flip:
+        g = np.add(features[:, :d], features[:, d:], dtype=np.float32, out=out)
+    elif out is None:
+        g = features[:, :d].astype(np.float32)
+    else:
+        g = out
+        g[...] = features[:, :d]
     if not norm_score:
         with np.errstate(invalid="ignore", divide="ignore"):  # zero rows: caught by the caller's check
             g /= np.sqrt(np.sum(g**2, -1, keepdims=True))
@@ -202,24 +219,25 @@ def _segments(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, change])
 
 
-def _segment_sum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums of consecutive row segments of x (segment i = rows starts[i]..starts[i+1]-1), row by row in
-    order, in x's dtype.
+def _segment_sums(rows: Callable[[np.ndarray, np.ndarray], np.ndarray], starts: np.ndarray, counts: np.ndarray,
+                  acc: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, sums): the sum of each segment of rows (segment i = rows starts[i] .. starts[i] + counts[i] - 1),
+    added one row at a time in order, in the rows' dtype, listed in `order` (segment indices, longest first).
 
     Adds the k-th row of every segment longer than k in one vectorised step, so the float32 sums are
     bit-identical to insightface's sequential np.mean/np.sum and far faster than np.add.reduceat along
-    axis 0 (which walks columns with a large stride).
+    axis 0 (which walks columns with a large stride). `rows(positions, out=)` writes the rows at those
+    positions into `out` and returns it: rows are asked for once each, so they can be computed on demand.
+    `acc` and `scratch` are buffers of at least len(starts) rows, reused from call to call: a fresh
+    array per step would fault in gigabytes of new memory at IJB-C size.
     """
-    counts = np.diff(np.r_[starts, len(x)])
     order = np.argsort(-counts, kind="stable")
     s_starts, s_counts = starts[order], counts[order]
-    acc = x[s_starts]
+    sums = rows(s_starts, out=acc[: len(starts)])
     for k in range(1, int(s_counts[0]) if len(s_counts) else 0):
         m = int(np.searchsorted(-s_counts, -k, "left"))  # segments longer than k come first
-        acc[:m] += x[s_starts[:m] + k]
-    out = np.empty_like(acc)
-    out[order] = acc
-    return out
+        sums[:m] += rows(s_starts[:m] + k, out=scratch[:m])
+    return order, sums
 
 
 def _check_ijb_inputs(
@@ -257,89 +275,148 @@ def template_features(
     """(sorted unique template ids, L2-normalised float64 template features), insightface pooling:
     media feature = mean of its images, template feature = sum of its media features (§5.2).
 
-    Images are visited sorted by (template, media) in chunks cut at media boundaries, so memory stays
-    bounded; each media/template sum accumulates in the same order and precision as insightface's loops.
+    Templates are visited sorted, in chunks of about IMAGE_CHUNK images, so memory stays bounded (no table
+    of all media, no sorted copy of the features): an image's feature is computed from its row of
+    `features` as the media sums need it, and each media/template sum accumulates in the same order and
+    precision as insightface's loops.
     """
     f, faceness, templates, medias = _check_ijb_inputs(features, faceness, templates, medias, detector_score)
     order = np.lexsort((medias, templates))
     key = np.stack([templates[order], medias[order]], axis=1)
     m_start = _segments(key)
     m_count = np.diff(np.r_[m_start, len(order)])
-    media_feats = np.empty((len(m_start), f.shape[1] // 2), dtype=np.float32)
-    a, m0 = 0, 0
-    while a < len(order):
-        m1 = int(np.searchsorted(m_start, a + IMAGE_CHUNK, "left"))  # first media starting at/after the cut
-        b = m_start[m1] if m1 < len(m_start) else len(order)
-        rows = order[a:b]
-        g = image_features(f[rows], faceness[rows], flip, norm_score, detector_score)
-        if not np.isfinite(g).all():
-            raise UnitsfaceError(f"image {rows[np.flatnonzero(~np.isfinite(g).all(1))[0]]}: non-finite feature "
-                                 "(NaN input or zero vector with image_norm=l2)")
-        media_feats[m0:m1] = _segment_sum(g, m_start[m0:m1] - a) / m_count[m0:m1, None]
-        a, m0 = b, m1
+
     t_start = _segments(key[m_start, 0])
-    tfeats = _segment_sum(media_feats, t_start).astype(np.float64)
-    return key[m_start[t_start], 0], l2_normalize(tfeats)
+    t_count = np.diff(np.r_[t_start, len(m_start)])
+    d = f.shape[1] // 2
+    chunks, first_image = [0], m_start[t_start]  # whole templates holding about IMAGE_CHUNK images each
+    while chunks[-1] < len(t_start):
+        chunks.append(int(np.searchsorted(first_image, first_image[chunks[-1]] + IMAGE_CHUNK, "left")))
+    t_bounds = np.r_[t_start, len(m_start)][chunks]  # each chunk's range of media
+    most = int(np.diff(t_bounds).max())
+    gathered = np.empty((most, 2 * d), dtype=f.dtype)
+    acc, scratch, means = (np.empty((most, d), dtype=np.float32) for _ in "abc")
+
+    def media_rows(positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Image features of the images at these sorted positions, from their rows of `features`."""
+        images = order[positions]
+        rows = np.take(f, images, axis=0, out=gathered[: len(images)], mode="clip")  # "clip": unbuffered
+        return image_features(rows, faceness[images], flip, norm_score, detector_score, out=out)
+
+    tfeats = np.empty((len(t_start), d))
+    for t0, t1, m0, m1 in zip(chunks[:-1], chunks[1:], t_bounds[:-1], t_bounds[1:]):
+        by_size, sums = _segment_sums(media_rows, m_start[m0:m1], m_count[m0:m1], acc, scratch)
+        # the float64 quotient rounded to float32, as assigning x / count to a float32 array does
+        np.divide(sums, m_count[m0 + by_size, None], out=sums, casting="unsafe")
+        means[by_size] = sums
+        _check_finite(means[: m1 - m0], m0, f, faceness, order, m_start, m_count, flip, norm_score, detector_score)
+        rows = functools.partial(np.take, means, axis=0, mode="clip")
+        by_size, sums = _segment_sums(rows, t_start[t0:t1] - m0, t_count[t0:t1], acc, scratch)
+        tfeats[t0 + by_size] = sums
+    return key[m_start[t_start], 0], l2_normalize(tfeats, out=tfeats)
+
+
+def _check_finite(means: np.ndarray, m0: int, f, faceness, order, m_start, m_count, *mode: bool) -> None:
+    """Media means m0.. must be finite: a sum with a NaN or infinite term is not, so checking them rather than
+    each image reads 5x fewer rows; the image to blame is looked for only when one is not."""
+    finite = np.isfinite(means).all(1)
+    if finite.all():
+        return
+    bad = m0 + np.flatnonzero(~finite)[0]
+    images = order[m_start[bad] : m_start[bad] + m_count[bad]]
+    ok = np.isfinite(image_features(f[images], faceness[images], *mode)).all(1)
+    culprit = images[np.flatnonzero(~ok)[0]] if not ok.all() else images[0]
+    raise UnitsfaceError(f"image {culprit}: non-finite feature (NaN input, a zero vector with image_norm=l2, "
+                         "or a media sum beyond float32)")
 
 
 def _rows_of(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
     """Row of each template id in the sorted `unique_templates`; a lookup table when ids are compact
-    (IJB ids are), binary search otherwise."""
+    (IJB ids are), binary search otherwise. Ids are range-checked first, so no subtraction can overflow,
+    and non-negative ids index the table directly: one pass over 15.7M pair ids, not three."""
     ids = np.asarray(ids, dtype=np.int64)
     lo, hi = int(unique_templates[0]), int(unique_templates[-1])
-    if hi - lo <= 8 * len(unique_templates) + (1 << 20):
-        table = np.full(hi - lo + 3, -1, dtype=np.int64)  # slots for below-range and above-range ids
-        table[unique_templates - lo + 1] = np.arange(len(unique_templates))
-        pos = table[np.clip(ids - lo + 1, 0, hi - lo + 2)]
-        bad = pos < 0
+    outside = len(ids) and (ids.min() < lo or ids.max() > hi)
+    if not outside and hi - lo <= 8 * len(unique_templates) + (1 << 20):
+        base = min(lo, 0)
+        table = np.full(hi - base + 1, -1, dtype=np.intp)  # intp: numpy converts any other index type first
+        table[unique_templates - base] = np.arange(len(unique_templates))
+        pos = table[ids if base == 0 else ids - base]
+        bad = len(ids) and pos.min() < 0
     else:
         pos = np.minimum(np.searchsorted(unique_templates, ids), len(unique_templates) - 1)
-        bad = unique_templates[pos] != ids
-    if bad.any():
-        raise UnitsfaceError(f"{what}: template {ids[np.flatnonzero(bad)[0]]} has no images")
+        bad = np.any(unique_templates[pos] != ids)
+    if bad:
+        missing = np.flatnonzero(~np.isin(ids, unique_templates))[0]
+        raise UnitsfaceError(f"{what}: template {ids[missing]} has no images")
     return pos
 
 
-def _compact(idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values of idx, position of each idx among them) in O(len + n), no sort."""
-    mark = np.zeros(n, dtype=bool)
-    mark[idx] = True
-    u = np.flatnonzero(mark)
-    pos = np.empty(n, dtype=np.int64)
-    pos[u] = np.arange(len(u))
-    return u, pos[idx]
+def _used_rows(unique_templates: np.ndarray, ids: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted rows of `unique_templates` that `ids` name, a table: row -> position among them)."""
+    used = np.zeros(len(unique_templates), dtype=bool)
+    for w in range(0, len(ids), PAIR_WINDOW):  # window by window: no array as long as `ids`
+        used[_rows_of(unique_templates, ids[w : w + PAIR_WINDOW], what)] = True
+    rows = np.flatnonzero(used)
+    rank = np.zeros(len(unique_templates), dtype=np.intp)
+    rank[rows] = np.arange(len(rows))
+    return rows, rank
+
+
+def _block_rows(template_feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """template_feats[rows]; a view when the rows are consecutive (IJB probes are), not an 80 MB copy."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return template_feats[rows[0] : rows[-1] + 1]
+    return template_feats[rows]
 
 
 def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
     """Cosine score of every template pair, float64, in bounded memory.
 
-    Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each (no sort of the
-    15.7M pairs). A group whose (distinct p1) x (distinct p2) block is at most DENSE_RATIO times its pair
-    count is one BLAS product (IJB pairs are gallery x probe, so blocks are dense); otherwise the two
-    feature rows of each pair are gathered, GATHER_CHUNK pairs at a time.
+    Pairs are grouped by ranges of first template holding about PAIR_CHUNK pairs each (15.7M pairs are
+    never sorted: a group's pairs are found by scanning one byte per pair, a window of PAIR_WINDOW pairs
+    at a time). A group whose (first templates) x (second templates) block is at most DENSE_RATIO times
+    its pair count is one BLAS product: IJB pairs are gallery x probe, so every group meets all probes,
+    whose rows are gathered once, and each pair reads its score at its cell of the block. Sparser groups
+    gather the two feature rows of each pair, GATHER_CHUNK pairs at a time. Fresh memory costs more than
+    the arithmetic here, so arrays as long as the pair list are few, and every other temporary is small
+    enough to be reused.
     """
     p1, p2 = np.asarray(p1), np.asarray(p2)
     if p1.shape != p2.shape or p1.ndim != 1:
         raise UnitsfaceError(f"p1 and p2 must be 1-D of equal length, got {p1.shape} and {p2.shape}")
-    i1, i2 = _rows_of(unique_templates, p1, "pair list"), _rows_of(unique_templates, p2, "pair list")
-    n_t = len(unique_templates)
-    cum = np.cumsum(np.bincount(i1, minlength=n_t))
-    range_of = np.searchsorted(np.arange(PAIR_CHUNK, cum[-1] + PAIR_CHUNK, PAIR_CHUNK), cum, "left")
-    group = range_of[i1]
-    out = np.empty(len(i1), dtype=np.float64)
-    for r in np.unique(range_of):
-        sel = np.flatnonzero(group == r)
-        if len(sel) == 0:
-            continue
-        u1, j1 = _compact(i1[sel], n_t)
-        u2, j2 = _compact(i2[sel], n_t)
-        if len(u1) * len(u2) <= DENSE_RATIO * len(sel):
-            block = template_feats[u1] @ template_feats[u2].T
-            out[sel] = block.ravel().take(j1 * len(u2) + j2)
-            continue
-        for a in range(0, len(sel), GATHER_CHUNK):
-            s = sel[a : a + GATHER_CHUNK]
-            out[s] = np.einsum("ij,ij->i", template_feats[i1[s]], template_feats[i2[s]])
+    firsts, first_rank = _used_rows(unique_templates, p1, "pair list")
+    seconds, second_rank = _used_rows(unique_templates, p2, "pair list")
+    cell = first_rank[_rows_of(unique_templates, p1, "pair list")]  # for now: each pair's first's position
+    cum = np.cumsum(np.bincount(cell, minlength=len(firsts)))
+    group_of = np.searchsorted(np.arange(PAIR_CHUNK, cum[-1] + PAIR_CHUNK, PAIR_CHUNK), cum, "left")
+    small = np.uint8 if group_of[-1] < 1 << 8 else np.uint16 if group_of[-1] < 1 << 16 else np.int64
+    group = group_of.astype(small)[cell]
+    cell *= len(seconds)  # each pair's cell in the (firsts x seconds) matrix
+    for w in range(0, len(cell), PAIR_WINDOW):
+        cell[w : w + PAIR_WINDOW] += second_rank[_rows_of(unique_templates, p2[w : w + PAIR_WINDOW], "pair list")]
+    counts = np.bincount(group, minlength=group_of[-1] + 1)
+    first_bounds = np.searchsorted(group_of, np.arange(group_of[-1] + 2))  # each group's range of `firsts`
+    block_size = np.diff(first_bounds) * len(seconds)
+    dense = block_size <= DENSE_RATIO * counts
+    if dense.any():  # gathered once, and one buffer for every block
+        second_feats, block = _block_rows(template_feats, seconds), np.empty(block_size[dense].max())
+    out = np.empty(len(p1), dtype=np.float64)
+    for g in np.flatnonzero(counts):
+        f0, f1 = first_bounds[g], first_bounds[g + 1]
+        if dense[g]:
+            np.matmul(template_feats[firsts[f0:f1]], second_feats.T, out=block[: block_size[g]].reshape(f1 - f0, -1))
+        for w in range(0, len(group), PAIR_WINDOW):
+            sel = w + np.flatnonzero(group[w : w + PAIR_WINDOW] == g)  # this group's pairs, in pair order
+            at = cell[sel]
+            if dense[g]:
+                at -= f0 * len(seconds)
+                out[sel] = block.take(at)
+                continue
+            for a in range(0, len(sel), GATHER_CHUNK):
+                first, second = np.divmod(at[a : a + GATHER_CHUNK], len(seconds))
+                out[sel[a : a + GATHER_CHUNK]] = np.einsum("ij,ij->i", template_feats[firsts[first]],
+                                                           template_feats[seconds[second]])
     return out
 
 
@@ -365,18 +442,23 @@ def evaluate_ijb(
     """
     uniq, tf = template_features(features, faceness, templates, medias, flip, norm_score, detector_score)
     scores = pair_scores(tf, uniq, p1, p2)
-    y = np.asarray(labels)
-    counts = roc_counts(scores, y)
-    fpr_t, tpr_t, _ = rates_from_counts(*counts, drop_intermediate=True)
-    fpr, tpr, _ = rates_from_counts(*counts)
-    n_gen = int(counts[1][-1])
+    n_pairs = len(scores)
+    # Fresh memory costs more than arithmetic here: each dead IJB-C-sized array is freed before the next is
+    # allocated, and the steps run in the order that keeps the fewest alive at once.
+    fps, tps = roc_counts(scores, np.asarray(labels), overwrite=True)[:2]  # sorted in place: no copy
+    del scores
+    corners = np.r_[0, roc_corners(fps, tps) + 1]  # the thinned curve, taken from the full one below
+    n_gen = int(tps[-1])
+    fpr, tpr = roc_rates(fps, tps)
+    del fps, tps
+    fpr_t, tpr_t = fpr[corners], tpr[corners]
     return {
         "mode": describe_ijb_mode(flip, norm_score, detector_score),
         "pooling": "media mean, template sum, L2 (insightface)",
         "n_templates": len(uniq),
-        "n_pairs": len(scores),
+        "n_pairs": n_pairs,
         "n_genuine": n_gen,
-        "n_impostor": len(scores) - n_gen,
+        "n_impostor": n_pairs - n_gen,
         "tar_at_far": tar_at_far(fpr_t, tpr_t, far_targets, "closest"),
         "tar_at_far_strict": tar_at_far(fpr, tpr, far_targets, "strict"),
         "tar_at_far_interp": tar_at_far(fpr, tpr, far_targets, "interp"),
@@ -436,6 +518,10 @@ def evaluate_ijb_identification(
     is ijb_1n.py's closed set over the concatenated galleries; its "TPIR" is not open-set TPIR@FPIR.
     """
     pt, ps = (np.asarray(a, dtype=np.int64) for a in probes)
+    empty = [name for name, (gt, _) in galleries.items() if len(gt) == 0] + (["probe list"] if len(pt) == 0 else [])
+    if empty or not galleries:
+        raise UnitsfaceError(f"1:N needs a non-empty probe list and galleries; empty: "
+                             f"{', '.join(empty) or 'galleries'}")
     pf = template_feats[_rows_of(unique_templates, pt, "probe list")]
     if protocol == "insightface":
         per, hits = {}, dict.fromkeys(ranks, 0)

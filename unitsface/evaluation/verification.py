@@ -72,15 +72,15 @@ def check_scores(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np
 
 
 # ----------------------------------------------------------------------------------------------- scores
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Row-wise L2 normalisation, numerically identical to `sklearn.preprocessing.normalize`.
 
     Zero rows stay zero (sklearn's rule), which keeps reproduction exact; such rows score 0 against
-    everything rather than NaN.
+    everything rather than NaN. `out=x` normalises in place.
     """
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     norms[norms == 0.0] = 1.0
-    return x / norms[:, None]
+    return np.divide(x, norms[:, None], out=out)
 
 
 def scores_from_pairs(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
@@ -92,21 +92,41 @@ def scores_from_pairs(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- ROC readings
-def roc_counts(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_counts(scores: np.ndarray, issame: np.ndarray, overwrite: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false accepts, true accepts, threshold) for "accept when s >= threshold", one entry per distinct
     score, thresholds descending.
 
     Sorts the scores only (no argsort) and places the genuine scores by binary search, which keeps
-    15.7M IJB-C pairs at about a second.
+    15.7M IJB-C pairs at about a second; the counts are built in place, since every temporary of that
+    length is 100+ MB to allocate and fill. `overwrite=True` lets a caller that owns a float64 `scores`
+    array have it sorted in place (its contents are lost).
     """
     s, y = check_scores(scores, issame)
-    s_sorted = np.sort(s)
-    last = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])  # last index of each distinct score
-    u = s_sorted[last]
-    gen_le = np.cumsum(np.bincount(np.searchsorted(u, s[y]), minlength=len(u)))  # genuine <= u[k]
-    n_ge = len(s) - np.r_[0, last[:-1] + 1]  # scores >= u[k]
-    tps = y.sum() - np.r_[0, gen_le[:-1]]
-    return (n_ge - tps)[::-1], tps[::-1], u[::-1]
+    genuine = s[y]
+    if overwrite and s is scores:
+        s.sort()
+        s_sorted = s
+    else:
+        s_sorted = np.sort(s)
+    ends = np.empty(len(s), dtype=bool)
+    np.not_equal(s_sorted[1:], s_sorted[:-1], out=ends[:-1])
+    ends[-1] = True
+    last = np.flatnonzero(ends)  # last index of each distinct score
+    del ends
+    u = np.take(s_sorted, last, out=s_sorted[: len(last)], mode="clip")  # in place: last[k] >= k
+    gen_le = np.bincount(np.searchsorted(u, genuine), minlength=len(u))
+    np.cumsum(gen_le, out=gen_le)  # genuine <= u[k]
+    n_gen = int(gen_le[-1])
+    tps = np.empty_like(last)  # genuine >= u[k]
+    tps[0] = n_gen
+    np.subtract(n_gen, gen_le[:-1], out=tps[1:])
+    n = len(y)
+    fps = gen_le  # reused: scores >= u[k] (n - last[k-1] - 1) minus genuine >= u[k]
+    fps[0] = n - n_gen
+    np.subtract(n - 1, last[:-1], out=fps[1:])
+    fps[1:] -= tps[1:]
+    return fps[::-1], tps[::-1], u[::-1]
 
 
 def roc_curve(
@@ -121,16 +141,42 @@ def roc_curve(
     return rates_from_counts(*roc_counts(scores, issame), drop_intermediate=drop_intermediate)
 
 
+def roc_corners(fps: np.ndarray, tps: np.ndarray) -> np.ndarray:
+    """Indices of the `roc_counts` points scikit-learn's drop_intermediate keeps: the ends, and every point
+    where either count's second difference is non-zero. Decided on the integer counts, as scikit-learn
+    does, so float rounding cannot keep or drop a point."""
+    if len(fps) <= 2:
+        return np.arange(len(fps))
+    keep = np.empty(len(fps), dtype=bool)
+    keep[0] = keep[-1] = True
+    corner = np.empty(len(fps) - 2, dtype=bool)
+    step = np.empty(len(fps) - 1, dtype=fps.dtype)
+    for counts, out in ((fps, keep[1:-1]), (tps, corner)):  # a second difference is non-zero where a step changes
+        np.subtract(counts[1:], counts[:-1], out=step)
+        np.not_equal(step[1:], step[:-1], out=out)
+    keep[1:-1] |= corner
+    return np.flatnonzero(keep)
+
+
+def roc_rates(fps: np.ndarray, tps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of `roc_counts` counts, with the (0, 0) point first."""
+    fpr, tpr = np.empty(len(fps) + 1), np.empty(len(tps) + 1)
+    fpr[0] = tpr[0] = 0.0
+    np.divide(fps, fps[-1], out=fpr[1:])
+    np.divide(tps, tps[-1], out=tpr[1:])
+    return fpr, tpr
+
+
 def rates_from_counts(
     fps: np.ndarray, tps: np.ndarray, thresholds: np.ndarray, drop_intermediate: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`roc_counts` output -> (fpr, tpr, thresholds) with the (0, 0, +inf) point; thinning is decided on
-    the integer counts, as scikit-learn does, so float rounding cannot keep or drop a point."""
-    if drop_intermediate and len(fps) > 2:
-        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+    """`roc_counts` output -> (fpr, tpr, thresholds) with the (0, 0, +inf) point (`roc_corners` only with
+    `drop_intermediate`). Thinning the rates of the full curve gives the same numbers (the last point,
+    which both divide by, is always kept)."""
+    if drop_intermediate:
+        keep = roc_corners(fps, tps)
         fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
-    fps, tps = np.r_[0, fps], np.r_[0, tps]
-    return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thresholds]
+    return (*roc_rates(fps, tps), np.r_[np.inf, thresholds])
 
 
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, targets, rule: str = "strict") -> dict[float, float]:
@@ -141,24 +187,31 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, targets, rule: str = "strict") 
       equal FPRs (use the thinned curve to reproduce eval_ijbc.py); may sit above the target;
     - "interp": linear interpolation in FPR, taking the top of each vertical segment.
     """
-    out: dict[float, float] = {}
-    for x in targets:
-        if rule == "strict":
-            out[x] = float(tpr[np.searchsorted(fpr, x, side="right") - 1])
-        elif rule == "closest":
-            gap = np.abs(fpr - x)
-            out[x] = float(tpr[np.flatnonzero(gap == gap.min())[-1]])
-        elif rule == "interp":
-            top = np.r_[fpr[1:] != fpr[:-1], True]
-            out[x] = float(np.interp(x, fpr[top], tpr[top]))
-        else:
-            raise UnitsfaceError(f"unknown TAR@FAR rule {rule!r}; expected strict, closest or interp")
-    return out
+    targets = list(targets)
+    if rule == "strict":
+        values = tpr[np.searchsorted(fpr, targets, side="right") - 1]
+    elif rule == "closest":
+        gaps = (np.abs(fpr - x) for x in targets)
+        values = [tpr[np.flatnonzero(gap == gap.min())[-1]] for gap in gaps]
+    elif rule == "interp":
+        # np.interp over the tops of the vertical segments, read from the two tops around each target only
+        # (its result depends on those two points alone): no copy of a 15M-point curve
+        below = np.searchsorted(fpr, targets, side="right") - 1  # the top at or left of the target
+        above = np.searchsorted(fpr, fpr[np.minimum(below + 1, len(fpr) - 1)], side="right") - 1
+        values = [tpr[a] if b < 0 else tpr[b] if b == a else np.interp(x, fpr[[b, a]], tpr[[b, a]])
+                  for x, b, a in zip(targets, below, above)]
+    else:
+        raise UnitsfaceError(f"unknown TAR@FAR rule {rule!r}; expected strict, closest or interp")
+    return {x: float(v) for x, v in zip(targets, values)}
 
 
 def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """Area under the ROC by the trapezoid rule."""
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    """Area under the ROC by the trapezoid rule: sum(diff(fpr) * (tpr[1:] + tpr[:-1]) / 2), computed in two
+    buffers (an IJB-C curve has 14M points)."""
+    width, height = np.subtract(fpr[1:], fpr[:-1]), np.add(tpr[1:], tpr[:-1])
+    width *= height
+    width /= 2.0
+    return float(np.sum(width))
 
 
 def eer(fpr: np.ndarray, tpr: np.ndarray) -> float:

@@ -25,14 +25,19 @@ from typing import Any
 import torch
 
 from unitsface.errors import UnitsfaceError
-from unitsface.io import atomic_open
+from unitsface.io import atomic_open, remove_stale_temp_files
 
 FORMAT = "unitsface-checkpoint"
 VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, then rename over it."""
+    """torch.save to a temp file beside `path`, fsync, then rename over it.
+
+    A checkpoint file has one writer, so temp files beside it are what a killed run left behind (a
+    checkpoint's worth of disk each time); they go first.
+    """
+    remove_stale_temp_files(path)
     with atomic_open(path) as f:
         torch.save(obj, f)
 

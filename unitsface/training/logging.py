@@ -73,16 +73,19 @@ class RunLogger:
             self.bar.update(1)
 
     def step(self, step: int, epoch: int, loss: float, lr: float, samples_per_s: float,
-             extra: dict[str, float]) -> None:
-        """One logged step: a metrics.jsonl record, the bar's numbers, TensorBoard / W&B scalars."""
+             extra: dict[str, Any]) -> None:
+        """One logged step: a metrics.jsonl record, the bar's numbers, TensorBoard / W&B scalars; `extra`
+        holds scalars, and lists (e.g. bad record ids) that only the JSON line carries."""
         if not self.enabled:
             return
         self.bar.update(1)
         record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": samples_per_s, **extra}
         self._write(record)
+        scalars = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", sps=f"{samples_per_s:.0f}",
-                             **{k: f"{v:.4f}" for k, v in extra.items()})
-        self._scalars({f"train/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step)
+                             **{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in scalars.items()})
+        self._scalars({f"train/{k}": v for k, v in {"loss": loss, "lr": lr, "samples_per_s": samples_per_s,
+                                                     **scalars}.items()}, step)
 
     def validation(self, step: int, epoch: int, results: dict[str, Any],
                    operating_points: dict[str, dict[str, Any]]) -> None:

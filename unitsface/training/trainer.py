@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader
 from unitsface import __version__, heads, models, optim, parallel
 from unitsface.config import backbone_params
 from unitsface.data.cache import cached_synthetic_dataset
-from unitsface.data.dataset import RecordDataset, make_loader, normalize_batch
+from unitsface.data.dataset import BadRecords, RecordDataset, make_loader, normalize_batch
 from unitsface.data.synthetic import HELDOUT_FOLDER
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_images
 from unitsface.evaluation.report import plot_threshold, write_report
 from unitsface.evaluation.sets import load_validation_sets
 from unitsface.evaluation.threshold import operating_point, primary_set
+from unitsface.io import remove_stale_temp_files
 from unitsface.training import distributed
 from unitsface.training.checkpoint import FORMAT, VERSION, load_checkpoint
 from unitsface.training.logging import RunLogger, threshold_history
@@ -121,6 +122,7 @@ class Trainer:
         folder, self.val_paths = resolve_data(config)
         self.dataset = RecordDataset(folder, train=True, flip=False,
                                      max_bad_fraction=config["data"]["max_bad_fraction"])
+        self.bad_records = BadRecords(self.dataset)  # fed by each batch; stops past data.max_bad_fraction
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
         self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"],
@@ -224,6 +226,7 @@ class Trainer:
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "skip_run": int(self.skips[1]),
+            "bad_records": self.bad_records.state(),
         }
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
@@ -252,6 +255,7 @@ class Trainer:
         if self.ema is not None and "model_ema" in ckpt:  # else the average starts again from these weights
             self.ema.module.load_state_dict(ckpt["model_ema"])
             self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
+        self.bad_records.load(ckpt.get("bad_records", ()))
         restore_rng(ckpt["rng"])
 
     def load_initial_weights(self) -> None:
@@ -371,8 +375,9 @@ class Trainer:
         """(index of the first micro-batch, the `grad_accumulation` micro-batches) of each optimizer step left in
         the epoch; an incomplete last group is dropped, as the step count assumes."""
         accum, micro, group = self.cfg["grad_accumulation"], first_micro, []
-        for batch in self.loader(epoch, first_micro):
-            group.append(batch)
+        for images, labels, bad in self.loader(epoch, first_micro):
+            self.bad_records.add(bad)
+            group.append((images, labels))
             if len(group) == accum:
                 yield micro, group
                 micro, group = micro + accum, []
@@ -401,6 +406,7 @@ class Trainer:
                         config=self.config)
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+            remove_stale_temp_files(self.out)  # a killed run's half-written checkpoint or report
         accum = self.cfg["grad_accumulation"]
         results: dict[str, Any] = {}
         self.model.train()
@@ -440,15 +446,18 @@ class Trainer:
         finally:
             log.close()
         if self.main:
+            results = results or self.validate()  # resumed after the final checkpoint: nothing left to train
             self.write_report(results)
         return results
 
-    def head_stats(self) -> dict[str, float]:
-        """Scalars worth logging each step: the learned threshold t = b/s where present."""
-        stats: dict[str, float] = {}
+    def head_stats(self) -> dict[str, Any]:
+        """Worth logging each step: the learned threshold t = b/s where present, the skipped steps, the count of
+        bad records met and their first ids."""
+        stats: dict[str, Any] = {}
         if self.head.threshold is not None:
             stats["threshold"] = float(self.head.threshold)
         stats["skipped_steps"] = float(self.skipped_steps)
+        stats.update(self.bad_records.stats())
         return stats
 
     # ------------------------------------------------------------------ evaluation
