@@ -83,10 +83,10 @@ def test_head_threshold_is_the_far_quantile_of_all_its_negatives() -> None:
     similarity, same = LF.anchor_pairs(LF.normalize(x).double(), y, stored.double(), stored_labels)
     negatives = similarity[~same].numpy()
     assert len(list(LC.chunk_bounds(C * K, D, 12))) == 4
-    assert head.last_stats["negatives"] == negatives.size and head.last_stats["positives"] == int(same.sum())
+    assert head.last_stats["negative_pairs"] == negatives.size and head.last_stats["positive_pairs"] == int(same.sum())
     assert LF.far_rank(negatives.size, 0.01) >= 10  # a top-k of more than a few values
     expected = np.quantile(negatives, 0.99, method="inverted_cdf")
-    assert head.last_stats["threshold"] == pytest.approx(expected, abs=1e-6)
+    assert head.last_stats["anchor_threshold"] == pytest.approx(expected, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- the loss and its gradients
@@ -112,7 +112,7 @@ def test_head_equals_the_dense_reference(name: str) -> None:
     accept = LF.soft_accept(similarity, t, 0.01)
     expected = base + LF.anchor_penalty(accept[same].mean(), accept[~same].mean(), 0.01, 1000.0, 1.0)
     expected.backward()
-    assert head.last_stats["far"] > 0.01  # the FAR hinge is active, so both soft terms carry gradient
+    assert head.last_stats["far_soft"] > 0.01  # the FAR hinge is active, so both soft terms carry gradient
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-6)
 
@@ -168,7 +168,7 @@ def test_features_expire_after_valid_steps() -> None:
     negatives = []
     for step in range(5):
         head(torch.randn(2, D), torch.tensor([2 * step, 2 * step + 1]))
-        negatives.append(head.last_stats["negatives"])
+        negatives.append(head.last_stats["negative_pairs"])
     # 1 batch pair, plus 2 samples × the stored features of the last min(step, M) batches
     assert negatives == [1, 1 + 2 * 2, 1 + 2 * 4, 1 + 2 * 4, 1 + 2 * 4]
     head.eval()

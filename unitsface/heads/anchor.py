@@ -41,7 +41,7 @@ class AnchorHead(Head):
         self.proxies = ClassProxies(self.shard, embedding_size, weight_init)
         self.stored = FeatureSet(self.shard, embedding_size, features_per_identity, valid_steps)
         self.spec = LC.ColumnSpec("softmax", self.s)
-        self.last_stats: dict[str, float] = {}  # the last step's t̂, TAR_soft, FAR_soft and pair counts, for logs
+        self.last_stats: dict[str, float] = {}  # the last step's t̂, TAR_soft, FAR_soft and pair counts (logged)
 
     def target(self, c: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -58,7 +58,7 @@ class AnchorHead(Head):
         stored_pos, stored_neg = LC.stored_pair_counts(sample.labels, valid, per)
         num_pos, num_neg = int(same.sum()) + stored_pos, int((~same).sum()) + stored_neg
         if num_neg == 0:
-            self.last_stats = {"positives": float(num_pos), "negatives": 0.0}
+            self.last_stats = {"positive_pairs": float(num_pos), "negative_pairs": 0.0}
             return unit.sum() * 0.0
         k = LF.far_rank(num_neg, self.far_anchor) + 1
         candidates = torch.cat([similarity.detach()[~same],
@@ -69,8 +69,9 @@ class AnchorHead(Head):
         sums = batch_sums + LC.stored_pair_sums(unit, rows, sample.labels, valid, per, threshold, self.tau)
         tar = sums[0] / num_pos if num_pos else sums.new_ones(())
         far = sums[1] / num_neg
-        self.last_stats = {"threshold": float(threshold), "tar": float(tar.detach()), "far": float(far.detach()),
-                           "positives": float(num_pos), "negatives": float(num_neg)}
+        self.last_stats = {"anchor_threshold": float(threshold), "tar_soft": float(tar.detach()),
+                           "far_soft": float(far.detach()), "positive_pairs": float(num_pos),
+                           "negative_pairs": float(num_neg)}
         return LF.anchor_penalty(tar, far, self.far_anchor, self.lambda_far, self.lambda_tar)
 
     def compute_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

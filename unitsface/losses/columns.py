@@ -356,16 +356,16 @@ def negative_lse(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: f
 
 
 def _stored_chunks(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, per_class: int,
-                   valid: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(start, end, cosines B×w, positive mask, negative mask) per chunk of the stored rows, in x's dtype; only
+                   valid: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(unit rows w×d, cosines B×w, positive mask, negative mask) per chunk of the stored rows, in x's dtype; only
     `valid` rows pair. Rows are normalised like any column (max(|row|, NORM_EPS))."""
     inverse = row_norms(rows).reciprocal_().to(x.dtype)
     for start, end in chunk_bounds(rows.shape[0], rows.shape[1], x.shape[0]):
-        c = (x @ rows[start:end].to(x.dtype).t()).mul_(inverse[start:end])
+        unit_rows = rows[start:end].to(x.dtype) * inverse[start:end].unsqueeze(1)
         classes = torch.arange(start, end, device=labels.device) // per_class
         same = labels.unsqueeze(1) == classes
         ok = valid[start:end]
-        yield start, end, c, same & ok, ~same & ok
+        yield unit_rows, x @ unit_rows.t(), same & ok, ~same & ok
 
 
 def stored_pair_counts(labels: torch.Tensor, valid: torch.Tensor, per_class: int) -> tuple[int, int]:
@@ -384,7 +384,7 @@ def top_stored_negatives(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tens
     """The k largest negative similarities of the batch against the stored rows, as candidates from every shard
     (R·k values, −inf where a shard has fewer): a running top-k over the chunks, so memory stays O(k + chunk)."""
     best = x.new_empty(0)
-    for *_, c, _, negative in _stored_chunks(x, rows, labels, per_class, valid):
+    for _, c, _, negative in _stored_chunks(x, rows, labels, per_class, valid):
         pool = torch.cat([best, c.masked_fill_(~negative, -math.inf).flatten()])
         best = torch.topk(pool, min(k, pool.numel())).values
     best = torch.cat([best, best.new_full((k - best.numel(),), -math.inf)])
@@ -404,15 +404,14 @@ class _StoredPairSums(torch.autograd.Function):
                 per_class: int, threshold: torch.Tensor, tau: float) -> torch.Tensor:
         sums = x.new_zeros(2)
         grads = x.new_zeros(2, *x.shape) if ctx.needs_input_grad[0] else None
-        inverse = row_norms(rows).reciprocal_().to(x.dtype)
         t = threshold.detach().to(x.dtype)
-        for start, end, c, positive, negative in _stored_chunks(x, rows, labels, per_class, valid):
+        for unit_rows, c, positive, negative in _stored_chunks(x, rows, labels, per_class, valid):
             accept = torch.sigmoid((c - t) / tau)
-            slope = accept * (1.0 - accept) * (inverse[start:end] / tau)  # dσ/ds · 1/|row|: ds/dx = row/|row|
+            slope = accept * (1.0 - accept) / tau  # dσ/ds; ds/dx = the unit row
             for which, mask in enumerate((positive, negative)):
                 sums[which] += (accept * mask).sum()
                 if grads is not None:
-                    grads[which].addmm_(slope * mask, rows[start:end].to(x.dtype))
+                    grads[which].addmm_(slope * mask, unit_rows)
         ctx.save_for_backward(grads if grads is not None else torch.empty(0))
         return sums
 

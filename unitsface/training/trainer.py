@@ -392,8 +392,9 @@ class Trainer:
         return results
 
     def head_stats(self) -> dict[str, float]:
-        """Scalars worth logging each step: the learned threshold t = b/s where present."""
-        stats: dict[str, float] = {}
+        """Scalars worth logging each step: the learned threshold t = b/s where present, and a head's own
+        last-step numbers (AnchorFace's anchor threshold, soft TAR and FAR)."""
+        stats: dict[str, float] = dict(getattr(self.head, "last_stats", {}))
         if self.head.threshold is not None:
             stats["threshold"] = float(self.head.threshold)
         if self.skipped_steps:
