@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -34,10 +36,11 @@ def test_compare_two_heads_end_to_end(tmp_path):
         f"data.cache={tmp_path / 'cache'}", "train.batch_size=12", "train.epochs=2", "train.workers=0",
         "model.embedding_size=32",
     ])
-    runs = compare_heads(base, ["cosface", "uss"], [0], tmp_path / "out", test_identities=6, test_images=4)
-    assert set(runs) == {"cosface", "uss"}
+    # a head with a learned threshold and one without (AnchorFace: its S and pair terms through the trainer)
+    runs = compare_heads(base, ["cosface_anchor", "uss"], [0], tmp_path / "out", test_identities=6, test_images=4)
+    assert set(runs) == {"cosface_anchor", "uss"}
     assert runs["uss"][0]["threshold_source"] == "learned b/s"
-    assert runs["cosface"][0]["threshold_source"] == "best on calibration identities"
+    assert runs["cosface_anchor"][0]["threshold_source"] == "best on calibration identities"
     for rs in runs.values():
         r = rs[0]
         assert 0.0 <= r["fixed_threshold_accuracy"] <= 1.0
@@ -45,3 +48,6 @@ def test_compare_two_heads_end_to_end(tmp_path):
     table = results_table(runs)
     assert table.count("\n") == 3 and "| uss |" in table and "learned b/s" in table
     assert (tmp_path / "out" / "uss-seed0" / "last.pt").is_file()
+    logged = [json.loads(line) for line in (tmp_path / "out" / "cosface_anchor-seed0" / "metrics.jsonl").open()]
+    steps = [r for r in logged if "loss" in r]
+    assert steps and all(-1 <= r["anchor_threshold"] <= 1 and 0 <= r["far_soft"] <= 1 for r in steps)

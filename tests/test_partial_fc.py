@@ -34,13 +34,15 @@ def sampled_head(name: str, sample_rate: float = RATE, classes: int = C, seed: i
         for key, buf in head.named_buffers():
             if buf.dim() and buf.shape[0] == classes:
                 if buf.dtype == torch.bool:
-                    buf.copy_(torch.rand(classes) < 0.8)
+                    buf.copy_(torch.rand(buf.shape) < 0.8)
                 elif buf.is_floating_point():
                     buf.normal_()
-                else:  # VPL write iterations: some fresh, some stale
-                    buf.copy_(torch.randint(0, 400, (classes,)))
+                else:  # VPL and AnchorFace write iterations: some fresh, some stale
+                    buf.copy_(torch.randint(0, 400, buf.shape))
             elif key == "queue.iteration":
                 buf.fill_(400)
+            elif key == "stored.step":  # AnchorFace's features written before step 200 have expired
+                buf.fill_(1200)
     head.set_epoch(5)  # past every warm-up / start epoch
     return head
 

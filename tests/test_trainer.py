@@ -418,7 +418,8 @@ def test_init_from_takes_backbone_and_head_then_trains_afresh(cache, tmp_path, f
     assert out.count("missing, left as initialised: none") == 2
 
     other = Trainer(tiny_config(cache, tmp_path / "other", f"train.init_from={finished}", "head.name=arcface"))
-    assert same_state(other.model, ckpt["model"]) and not torch.equal(other.head.proxies.weight, ckpt["head"]["proxies.weight"])
+    assert same_state(other.model, ckpt["model"])
+    assert not torch.equal(other.head.proxies.weight, ckpt["head"]["proxies.weight"])
     assert "head not loaded (the checkpoint's is unitsface over 16 classes, this run's arcface over 16)" in \
         capsys.readouterr().out
 
@@ -426,7 +427,8 @@ def test_init_from_takes_backbone_and_head_then_trains_afresh(cache, tmp_path, f
 def test_model_pretrained_loads_the_backbone_only(cache, tmp_path, finished, capsys):
     ckpt = load_checkpoint(finished)
     trainer = Trainer(tiny_config(cache, tmp_path / "pre", f"model.pretrained={finished}"))
-    assert same_state(trainer.model, ckpt["model"]) and not torch.equal(trainer.head.proxies.weight, ckpt["head"]["proxies.weight"])
+    assert same_state(trainer.model, ckpt["model"])
+    assert not torch.equal(trainer.head.proxies.weight, ckpt["head"]["proxies.weight"])
     assert f"model.pretrained {finished}: {len(ckpt['model'])} tensors loaded (layout unitsface)" in \
         capsys.readouterr().out
     with pytest.raises(UnitsfaceError, match="cannot be loaded into a mobilefacenet backbone"):

@@ -149,6 +149,13 @@ def presets() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_summary(name: str) -> str:
+    """The first comment line of preset `name`: what it trains and which published result it reproduces."""
+    text = (resources.files("unitsface") / "configs" / f"{name}.yaml").read_text()
+    first = text.splitlines()[0] if text else ""
+    return first[1:].strip() if first.startswith("#") else ""
+
+
 def _read_yaml(source: str) -> dict[str, Any]:
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():

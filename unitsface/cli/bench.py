@@ -108,7 +108,9 @@ def _add_losses(benches: argparse._SubParsersAction) -> None:
                     "plus an overlaid ROC plot.",
     )
     parser.add_argument("--data", default="synthetic", help="'synthetic' (default) or a folder with train.rec/.idx")
-    parser.add_argument("--heads", default=",".join(DEFAULT_HEADS), help="comma-separated head names")
+    parser.add_argument("--heads", default=",".join(DEFAULT_HEADS),
+                        help="comma-separated head names: any registered head, e.g. cosface_anchor,arcface_anchor "
+                             "(default: the table of docs/results.md)")
     parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="cap every run at N optimiser steps")
     parser.add_argument("--out", default="runs/bench-losses", help="output folder")

@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML file or preset name (see --list-presets)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue exactly from a checkpoint")
-    p.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
+    p.add_argument("--list-presets", action="store_true", help="print the shipped presets, one line each, and exit")
     p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     p.set_defaults(func=run)
 
@@ -20,10 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from unitsface.config import load_config, presets
+    from unitsface.config import load_config, preset_summary, presets
 
     if args.list_presets:
-        print("\n".join(presets()))
+        names = presets()
+        width = max(map(len, names))
+        print("\n".join(f"{name:<{width}}  {preset_summary(name)}" for name in names))
         return 0
     config = load_config(args.config, args.overrides)
     if args.print_config:

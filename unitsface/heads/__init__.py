@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from unitsface.heads import (  # noqa: F401  (imported to register their heads)
     adaface,
+    anchor,
     curricularface,
     epl,
     magface,

@@ -3,7 +3,7 @@ Partial FC column sample.
 
 A head is an `nn.Module` whose `forward(embeddings, labels)` returns the scalar training loss of the
 global batch. It holds per-class state as components for its class shard (`heads.components`:
-`proxies`, `memory`, `bias`, `prototypes`, `queue`, `pairs`); in one process the shard is the whole
+`proxies`, `memory`, `bias`, `prototypes`, `queue`, `pairs`, `stored`); in one process the shard is the whole
 class range. Subclasses implement `compute_loss(x, labels)`, where `x` (B_g×d, raw embeddings) and
 `labels` (B_g, global class ids) are the global batch of this step, and evaluate their loss with the
 column-loss engine (`unitsface.losses.columns`). With Partial FC (`sample_rate` < 1) every component

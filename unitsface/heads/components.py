@@ -1,7 +1,8 @@
 """The per-class state a head holds, one small component each: class proxies, identity memory, learned
-bias, prototype bank, feature queue, negative-pair miner.
+bias, prototype bank, feature queue, negative-pair miner, AnchorFace's feature set.
 
-A head is composed of the components its method needs (methods.md §1.0, §2.1, §2.5, §3.1, §5.1, §6, §7.1).
+A head is composed of the components its method needs (methods.md §1.0, §2.1, §2.5, §3.1, §5.1, §6, §7.1,
+§7.2).
 Each component
 - owns its tensors for this rank's class shard `[start, start + size)` (a `ClassShard`, methods.md D2):
   a shard-sized tensor is sharded, a scalar or (1,)-shaped one replicated (D5);
@@ -282,3 +283,56 @@ class NegativePairs(nn.Module):
         if not kept.numel():
             return x.new_tensor(float("-inf"))
         return LF.count_once(torch.logsumexp(s * kept, dim=0))
+
+
+class FeatureSet(nn.Module):
+    """AnchorFace's online feature set S (docs/methods.md "AnchorFace"): up to K unit features per identity of
+    this shard, each valid for M training forward calls after the one that wrote it.
+
+    `features` (C_r×K×d, fp32), `filled` and `written` (C_r×K: the `step` of the write) and `cursor` (C_r: the
+    slot the identity writes next) are sharded, `step` (training forward calls so far) replicated; all are
+    checkpointed. A feature written at step T pairs at steps T+1 … T+M and is ignored from T+M+1 on. Written after
+    the loss (`remember`): a sample never pairs with itself. A class with n samples in the global batch fills
+    min(n, K) slots in ring order, batch order deciding, so the last K of its samples are kept.
+    """
+
+    def __init__(self, shard: ClassShard, embedding_size: int, per_identity: int, valid_steps: int) -> None:
+        super().__init__()
+        if per_identity < 1 or valid_steps < 1:
+            raise ValueError(f"features_per_identity and valid_steps must be >= 1, got {per_identity}, {valid_steps}")
+        self.shard, self.per_identity, self.valid_steps = shard, int(per_identity), int(valid_steps)
+        self.register_buffer("features", torch.zeros(shard.size, per_identity, embedding_size))
+        self.register_buffer("filled", torch.zeros(shard.size, per_identity, dtype=torch.bool))
+        self.register_buffer("written", torch.zeros(shard.size, per_identity, dtype=torch.long))
+        self.register_buffer("cursor", torch.zeros(shard.size, dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def rows(self, sample: ColumnSample) -> torch.Tensor:
+        """The step's columns' features as (C_s·K)×d rows, row j belonging to column j // K."""
+        features = sample.take(self.features)
+        return features.reshape(-1, features.shape[-1])
+
+    def valid(self, sample: ColumnSample) -> torch.Tensor:
+        """(C_s·K,) rows that hold a feature written at most `valid_steps` steps ago (a fresh tensor: `remember`
+        cannot change what the loss reads)."""
+        return (sample.take(self.filled) & (self.step - sample.take(self.written) <= self.valid_steps)).reshape(-1)
+
+    @torch.no_grad()
+    def remember(self, unit: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write the global batch's unit features (detached) into their identities' next slots, then count the step."""
+        local = self.shard.local_labels(labels)
+        mine = local >= 0
+        ids, order = torch.sort(local[mine], stable=True)  # batch order within each identity
+        rows = unit.detach()[mine][order]
+        first = torch.searchsorted(ids, ids)
+        count = torch.searchsorted(ids, ids, right=True) - first  # samples of the identity in the batch
+        rank = torch.arange(ids.numel(), device=ids.device) - first  # occurrence index within the identity
+        dropped = (count - self.per_identity).clamp(min=0)  # the earliest of more than K samples are not kept
+        keep = rank >= dropped
+        slot = (self.cursor[ids] + rank - dropped) % self.per_identity
+        self.features[ids[keep], slot[keep]] = rows[keep].to(self.features.dtype)
+        self.filled[ids[keep], slot[keep]] = True
+        self.written[ids[keep], slot[keep]] = self.step
+        once = rank == 0
+        self.cursor[ids[once]] = (self.cursor[ids[once]] + count[once].clamp(max=self.per_identity)) % self.per_identity
+        self.step += 1

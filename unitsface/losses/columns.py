@@ -30,6 +30,9 @@ Class shards (D2–D4): the non-target LSE or sum of each shard is combined over
 forward (all-reduce); the target logit and the extra logit are added once. Every rank returns the
 loss of the whole global batch; the gradients it returns are those of its own columns, which the
 gathered-embedding backward sums over ranks (D1).
+
+AnchorFace's pairs of the batch with its stored features (K per identity, sharded like the columns) are
+streamed over the same chunks, with the same forward-accumulated gradient (end of this module).
 """
 
 from __future__ import annotations
@@ -88,15 +91,22 @@ class _Chunk:
         return rows[self.start : self.end].float()
 
 
-def column_chunks(labels: torch.Tensor, num_columns: int, dim: int) -> Iterator[_Chunk]:
-    """Chunks of w columns with B·w ≤ num_columns·dim / CHUNK_FRACTION (w ≥ the device's minimum width).
+def chunk_bounds(num_columns: int, dim: int, batch: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """[start, end) of chunks of w columns with batch·w ≤ num_columns·dim / CHUNK_FRACTION (w ≥ the device's
+    minimum width).
 
     An empty shard still yields one (empty) chunk: its LSE is −inf and its sum 0.
     """
-    minimum = MIN_CHUNK_COLUMNS_BY_DEVICE.get(labels.device.type, MIN_CHUNK_COLUMNS)
-    width = max(minimum, math.ceil(num_columns * dim / (CHUNK_FRACTION * max(1, labels.numel()))))
+    minimum = MIN_CHUNK_COLUMNS_BY_DEVICE.get(device.type, MIN_CHUNK_COLUMNS)
+    width = max(minimum, math.ceil(num_columns * dim / (CHUNK_FRACTION * max(1, batch))))
     for start in range(0, max(num_columns, 1), width):
-        yield _Chunk(start, min(start + width, num_columns), labels)
+        yield start, min(start + width, num_columns)
+
+
+def column_chunks(labels: torch.Tensor, num_columns: int, dim: int) -> Iterator[_Chunk]:
+    """The `chunk_bounds` of a class shard, each with its target mask."""
+    for start, end in chunk_bounds(num_columns, dim, labels.numel(), labels.device):
+        yield _Chunk(start, end, labels)
 
 
 def row_norms(rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -339,3 +349,90 @@ def negative_lse(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, s: f
     top = _all_reduce(local.max(dim=1).values, dist.ReduceOp.MAX)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return _all_reduce((local - top.unsqueeze(1)).exp().sum(1)).log() + top
+
+
+# --------------------------------------------------------------------------- pairs against stored features
+#
+# AnchorFace (docs/methods.md "AnchorFace") scores every sample of the global batch against a set of stored
+# features, up to K per identity of the shard: the rows below are that set flattened to (C_r·K)×d, row j
+# belonging to column (class) j // K. The same chunks as the column loss keep memory proportional to the
+# shard: one pass finds the largest negative similarities (the exact anchor threshold needs only those),
+# another sums the soft acceptances σ((s − t̂)/τ) of positives and negatives with their gradient.
+
+
+def _stored_chunks(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, per_class: int,
+                   valid: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(unit rows w×d, cosines B×w, positive mask, negative mask) per chunk of the stored rows, in x's dtype; only
+    `valid` rows pair. Rows are normalised like any column (max(|row|, NORM_EPS))."""
+    inverse = row_norms(rows).reciprocal_().to(x.dtype)
+    for start, end in chunk_bounds(rows.shape[0], rows.shape[1], x.shape[0], x.device):
+        unit_rows = rows[start:end].to(x.dtype) * inverse[start:end].unsqueeze(1)
+        classes = torch.arange(start, end, device=labels.device) // per_class
+        same = labels.unsqueeze(1) == classes
+        ok = valid[start:end]
+        yield unit_rows, x @ unit_rows.t(), same & ok, ~same & ok
+
+
+def stored_pair_counts(labels: torch.Tensor, valid: torch.Tensor, per_class: int) -> tuple[int, int]:
+    """(positive, negative) pair counts of the batch against the valid stored rows of every shard: a sample pairs
+    positively with its own class's valid rows (on the owner shard), negatively with every other valid row."""
+    per_column = valid.view(-1, per_class).sum(1)
+    positives = torch.where(labels >= 0, per_column[labels.clamp(min=0)], torch.zeros_like(labels)).sum()
+    counts = torch.stack([positives, labels.numel() * per_column.sum() - positives])
+    positive, negative = _all_reduce(counts).tolist()
+    return int(positive), int(negative)
+
+
+@torch.no_grad()
+def top_stored_negatives(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, per_class: int,
+                         valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest negative similarities of the batch against the stored rows, as candidates from every shard
+    (R·k values, −inf where a shard has fewer): a running top-k over the chunks, so memory stays O(k + chunk)."""
+    best = x.new_empty(0)
+    for _, c, _, negative in _stored_chunks(x, rows, labels, per_class, valid):
+        pool = torch.cat([best, c.masked_fill_(~negative, -math.inf).flatten()])
+        best = torch.topk(pool, min(k, pool.numel())).values
+    best = torch.cat([best, best.new_full((k - best.numel(),), -math.inf)])
+    if not is_distributed():
+        return best
+    gathered = [torch.empty_like(best) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, best)
+    return torch.cat(gathered)
+
+
+class _StoredPairSums(torch.autograd.Function):
+    """[Σ_pos σ((s − t)/τ), Σ_neg σ((s − t)/τ)] of this shard; dL/dx accumulated in the forward, one B×d
+    accumulator per sum, so backward is two scaled additions and the rows are never needed again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,  # type: ignore[override]
+                per_class: int, threshold: torch.Tensor, tau: float) -> torch.Tensor:
+        sums = x.new_zeros(2)
+        grads = x.new_zeros(2, *x.shape) if ctx.needs_input_grad[0] else None
+        t = threshold.detach().to(x.dtype)
+        for unit_rows, c, positive, negative in _stored_chunks(x, rows, labels, per_class, valid):
+            accept = torch.sigmoid((c - t) / tau)
+            slope = accept * (1.0 - accept) / tau  # dσ/ds; ds/dx = the unit row
+            for which, mask in enumerate((positive, negative)):
+                sums[which] += (accept * mask).sum()
+                if grads is not None:
+                    grads[which].addmm_(slope * mask, unit_rows)
+        ctx.save_for_backward(grads if grads is not None else torch.empty(0))
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (grads,) = ctx.saved_tensors
+        dx = grad[0] * grads[0] + grad[1] * grads[1] if ctx.needs_input_grad[0] else None
+        return dx, None, None, None, None, None, None
+
+
+def stored_pair_sums(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                     per_class: int, threshold: torch.Tensor, tau: float) -> torch.Tensor:
+    """[Σ_pos, Σ_neg] of σ((s_ij − t)/τ) over the pairs of the batch (unit rows `x`, B×d, differentiable) with the
+    valid stored rows of this shard ((C_r·K)×d, row j of column j // K; `labels`: the column of each sample's class,
+    −1 on other shards), summed over shards; computed in x's dtype (fp32 under autocast, fp64 for gradient checks)
+    with no gradient to the rows or the threshold."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x if x.dtype == torch.float64 else x.float()
+        return sum_over_shards(_StoredPairSums.apply(x, rows, labels, valid, per_class, threshold, tau))

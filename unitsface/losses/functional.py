@@ -616,3 +616,54 @@ def prototype_gate(a: torch.Tensor, alpha: str = "softsign") -> torch.Tensor:
     if alpha == "sigmoid":
         return torch.sigmoid(a)
     raise ValueError(f"alpha must be one of {', '.join(PROTOTYPE_GATES)}, got {alpha!r}")
+
+
+# ------- AnchorFace (Liu et al., AAAI 2022; no public code: docs/methods.md "AnchorFace" has every choice made)
+
+
+def far_rank(num_negatives: int, far: float) -> int:
+    """k = ⌊FAR·N⌋: at most k of N negatives may lie above the anchor threshold (1e-9 absorbs the rounding of
+    FAR·N when it is an integer)."""
+    return int(math.floor(far * num_negatives + 1e-9))
+
+
+@torch.no_grad()
+def anchor_threshold(negatives: torch.Tensor, far: float, num_negatives: int | None = None) -> torch.Tensor:
+    """t̂, the exact (1 − FAR) quantile of the negative similarities, no interpolation: the (k+1)-th largest with
+    k = far_rank(N, FAR), i.e. the smallest negative t with #{n > t} ≤ FAR·N (numpy's "inverted_cdf" quantile
+    at 1 − FAR). `negatives` may be only the largest ones (at least k + 1 of them, −inf padding allowed) when
+    `num_negatives` gives N. No gradient: t̂ is a detached operating point."""
+    values = negatives.flatten()
+    n = values.numel() if num_negatives is None else num_negatives
+    k = far_rank(n, far)
+    if not 0 <= k < n or values.numel() <= k:
+        raise ValueError(f"the anchor threshold needs more than {k} of {n} negatives, got {values.numel()}")
+    return torch.topk(values, k + 1).values[-1]
+
+
+def soft_accept(similarity: torch.Tensor, threshold: torch.Tensor, tau: float) -> torch.Tensor:
+    """σ((s − t)/τ): AnchorFace's soften function, a differentiable "s is accepted at threshold t"."""
+    return torch.sigmoid((similarity - threshold) / tau)
+
+
+def anchor_penalty(tar: torch.Tensor, far: torch.Tensor, far_anchor: float, lambda_far: float,
+                   lambda_tar: float) -> torch.Tensor:
+    """λ2·(1 − TAR_soft) + λ1·max(0, FAR_soft − FAR_anchor): the TAR loss and the FAR loss added to the margin loss."""
+    return lambda_tar * (1.0 - tar) + lambda_far * torch.clamp(far - far_anchor, min=0.0)
+
+
+def anchor_pairs(unit: torch.Tensor, labels: torch.Tensor, stored: torch.Tensor | None = None,
+                 stored_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarity, same identity) of every pair AnchorFace counts, densely: the unordered pairs i < j of the batch
+    (unit rows; a pair counted once), then, when given, every (sample, stored feature) pair. B² + B·|S| numbers:
+    the head streams the stored part (`columns.stored_pair_sums`), this is its reference."""
+    with torch.autocast(device_type=unit.device.type, enabled=False):
+        n = labels.numel()
+        upper = torch.ones(n, n, dtype=torch.bool, device=labels.device).triu(diagonal=1)
+        similarity = (unit @ unit.t())[upper]
+        same = (labels.unsqueeze(1) == labels.unsqueeze(0))[upper]
+        if stored is None:
+            return similarity, same
+        cross = unit @ F.normalize(stored.to(unit.dtype), dim=1, eps=NORM_EPS).t()
+        cross_same = labels.unsqueeze(1) == stored_labels.unsqueeze(0)
+        return torch.cat([similarity, cross.flatten()]), torch.cat([same, cross_same.flatten()])

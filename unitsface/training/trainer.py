@@ -451,9 +451,10 @@ class Trainer:
         return results
 
     def head_stats(self) -> dict[str, Any]:
-        """Worth logging each step: the learned threshold t = b/s where present, the skipped steps, the count of
-        bad records met and their first ids."""
-        stats: dict[str, Any] = {}
+        """Worth logging each step: the learned threshold t = b/s where present, a head's own last-step numbers
+        (AnchorFace's anchor threshold, soft TAR and FAR), the skipped steps, the count of bad records met and
+        their first ids."""
+        stats: dict[str, Any] = {k: float(v) for k, v in getattr(self.head, "last_stats", {}).items()}
         if self.head.threshold is not None:
             stats["threshold"] = float(self.head.threshold)
         stats["skipped_steps"] = float(self.skipped_steps)
