@@ -58,9 +58,11 @@ def test_train_writes_outputs_and_checkpoint_loads_weights_only(cache, tmp_path)
 
 
 @pytest.mark.parametrize("scale_out", [(), ("head.sample_rate=0.5", "train.sparse_update=true",
-                                              "head.memory_dtype=bfloat16")], ids=["plain", "scale_out"])
+                                              "head.memory_dtype=bfloat16"), ("data.augment.mask_prob=0.5",)],
+                         ids=["plain", "scale_out", "masks"])
 def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
-    """Also with Partial FC, lazily updated rows and a bf16 memory: their state survives the checkpoint."""
+    """Also with Partial FC, lazily updated rows and a bf16 memory: their state survives the checkpoint;
+    and with mask augmentation, whose draws depend on (seed, epoch, image) only."""
     full, part = tmp_path / "full", tmp_path / "part"
     # has memory + lazily initialised bias: state matters
     head = ["head.name=unitsface", "head.s=16.0", *scale_out]
@@ -75,7 +77,7 @@ def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
     # the USS term switched on in epoch 1, after the resume point: the loss jumps
     assert a[9] > a[8]
     memory = load_checkpoint(part / "last.pt")["head"]["memory"]
-    assert memory.dtype == (torch.bfloat16 if scale_out else torch.float32)
+    assert memory.dtype == (torch.bfloat16 if "head.memory_dtype=bfloat16" in scale_out else torch.float32)
 
 
 def test_max_steps_caps_without_changing_the_schedule(cache, tmp_path):

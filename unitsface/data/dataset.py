@@ -9,6 +9,7 @@ pipes and host-to-device copies, and normalising once per batch is cheaper than 
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import warnings
@@ -31,21 +32,41 @@ def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(127.5).sub_(1.0)
 
 
+MASK_STREAM = 0x6D61736B  # first word of the mask augmentation's seed sequences ("mask")
+
+
 class _FaceDataset(Dataset):
-    """Decoding, flip augmentation and bad-image accounting shared by both layouts.
+    """Decoding, flip and mask augmentation and bad-image accounting shared by both layouts.
 
     A corrupt image in a multi-million-image set should not end a multi-day run, but
     many of them mean a broken file: bad samples are replaced by the next good one and
     counted, with one warning, until they exceed `max_bad_fraction` of the dataset. The
     count is per process (each loader worker holds its own copy of the dataset).
+
+    Mask augmentation (`mask_prob`, training only) draws a rendered face mask (data.masks) on the
+    aligned crop. Whether image i is masked, and with which mask, comes from a generator keyed by
+    (seed, epoch, i) — set per epoch by `for_epoch` — never from worker or call order, so a resumed
+    run and any worker count see the same images.
     """
 
-    def __init__(self, labels: np.ndarray, num_classes: int, train: bool, flip: bool, max_bad_fraction: float):
+    def __init__(self, labels: np.ndarray, num_classes: int, train: bool, flip: bool, max_bad_fraction: float,
+                 mask_prob: float = 0.0):
+        if not 0.0 <= mask_prob <= 1.0:
+            raise UnitsfaceError(f"mask probability must be in [0, 1], got {mask_prob}")
         self.labels = labels
         self.num_classes = num_classes
         self.flip = train and flip
+        self.mask_prob = mask_prob if train else 0.0
+        self.epoch_key = (0, 0)  # (seed, epoch) of the mask draws
         self.max_bad = int(max_bad_fraction * len(labels))
         self.bad_count = 0
+
+    def for_epoch(self, seed: int, epoch: int) -> _FaceDataset:
+        """This dataset with its mask draws keyed by (seed, epoch): a shallow copy, so the images and
+        index are shared and the caller's dataset is left as it was."""
+        view = copy.copy(self)
+        view.epoch_key = (seed, epoch)
+        return view
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,6 +80,12 @@ class _FaceDataset(Dataset):
         img = decode(data, source)
         if img.shape[:2] != (FACE_SIZE, FACE_SIZE):
             img = to_face_image(img, FACE_SIZE)
+        if self.mask_prob:
+            rng = np.random.default_rng([MASK_STREAM, *self.epoch_key, index])
+            if rng.random() < self.mask_prob:
+                from unitsface.data.masks import mask_faces
+
+                img = mask_faces(img, rng)  # aligned crops: the template's landmarks
         chw = img.transpose(2, 0, 1)
         if self.flip and random.random() < 0.5:  # 100x cheaper than torch.rand; seeded per worker too
             chw = chw[:, :, ::-1]
@@ -87,12 +114,13 @@ class RecordDataset(_FaceDataset):
     """A train.rec/train.idx dataset (insightface, im2rec or shuffled layouts, formats.md §4)."""
 
     def __init__(
-        self, folder: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001
+        self, folder: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001,
+        mask_prob: float = 0.0,
     ):
         self.idx_path, self.rec_path = resolve_record_paths(folder)
         index = scan_dataset(folder)
         self.keys = index.keys
-        super().__init__(index.labels, index.num_classes, train, flip, max_bad_fraction)
+        super().__init__(index.labels, index.num_classes, train, flip, max_bad_fraction, mask_prob)
         self._reader: IndexedRecordIO | None = None
 
     def __getstate__(self) -> dict:
@@ -112,12 +140,13 @@ class RecordDataset(_FaceDataset):
 class ImageFolderDataset(_FaceDataset):
     """`root/<identity>/<image>` with labels in sorted folder order (formats.md §10)."""
 
-    def __init__(self, root: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001):
+    def __init__(self, root: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001,
+                 mask_prob: float = 0.0):
         classes, items = list_image_folder(root)
         self.classes = classes
         self.paths = [path for path, _ in items]
         labels = np.asarray([label for _, label in items], dtype=np.int64)
-        super().__init__(labels, len(classes), train, flip, max_bad_fraction)
+        super().__init__(labels, len(classes), train, flip, max_bad_fraction, mask_prob)
 
     def _load(self, index: int) -> tuple[bytes, str]:
         path: Path = self.paths[index]
@@ -172,9 +201,12 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoc
     """The training DataLoader: order fixed by (seed, epoch), this rank's share, from batch `start_batch`.
 
     Full batches only. Worker seeding uses its own generator, never the global RNG, so that a
-    resumed run draws the same random numbers as an uninterrupted one.
+    resumed run draws the same random numbers as an uninterrupted one; a face dataset's mask draws
+    are keyed by (seed, epoch) here.
     """
     sampler = EpochSampler(len(dataset), seed, epoch, start_batch * batch_size, shuffle, batch_size)
+    if isinstance(dataset, _FaceDataset):
+        dataset = dataset.for_epoch(seed, epoch)
     return DataLoader(
         dataset,
         batch_size=batch_size,
