@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.mfr import ALL_FARS, MASK_FAR, allowed_false_accepts, evaluate_mfr, exact_tar_at_far
 from unitsface.evaluation.verification import l2_normalize, roc_curve, tar_at_far
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def clustered(seed: int, identities: int, per_identity: int, dim: int = 16, noise: float = 1.2,
@@ -186,3 +194,154 @@ def test_bad_sets_are_one_line_errors():
     bad[2, 0] = np.nan
     with pytest.raises(UnitsfaceError, match="NaN"):
         exact_tar_at_far(bad, labels)
+
+
+# ------------------------------------------------------------------------------------------ eval mfr
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from deploy_helpers import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def faces_folder(tmp_path_factory):
+    """8 held-out synthetic identities × 4 aligned images as a folder (PNG: lossless), and the arrays."""
+    from unitsface.data.images import encode_png
+    from unitsface.training.compare import synthetic_identities
+
+    faces, labels = synthetic_identities(0, 8, 4)
+    root = tmp_path_factory.mktemp("faces")
+    for i, (face, label) in enumerate(zip(faces, labels)):
+        (root / f"person{label}").mkdir(exist_ok=True)
+        (root / f"person{label}" / f"{i % 4}.png").write_bytes(encode_png(face))
+    return root, faces, labels
+
+
+def _mfr(capsys, *argv) -> dict:
+    from unitsface.cli import main
+
+    assert main(["eval", "mfr", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _mfr_fails(capsys, *argv) -> str:
+    from unitsface.cli import main
+
+    assert main(["eval", "mfr", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def expected_mfr(checkpoint, faces, labels, per_identity, seed):
+    """The protocol by hand: embeddings of every face, probe = each identity's first image with the mask
+    drawn from default_rng([seed, identity position]), brute-force TAR on every pair."""
+    from unitsface.data.masks import render_masks, sample_masks
+    from unitsface.verifier import FaceVerifier
+
+    verifier = FaceVerifier.load(checkpoint)
+    emb = verifier.raw_embeddings(faces, flip=False)
+    rows = np.arange(0, len(faces), per_identity)
+    masked = np.concatenate([render_masks(faces[r:r + 1], sample_masks(np.random.default_rng([seed, i]), 1))
+                             for i, r in enumerate(rows)])
+    probes = verifier.raw_embeddings(masked, flip=False)
+    gallery = np.setdiff1d(np.arange(len(faces)), rows)
+    return {"mask": brute_force(probes, labels[rows], emb[gallery], labels[gallery], (MASK_FAR,))[0],
+            "unmasked": brute_force(emb[rows], labels[rows], emb[gallery], labels[gallery], (MASK_FAR,))[0],
+            "all": brute_force(emb, labels, None, None, ALL_FARS)[0]}
+
+
+def test_eval_mfr_synthetic_matches_the_protocol_by_hand(checkpoint, capsys):
+    from unitsface.training.compare import synthetic_identities
+
+    r = _mfr(capsys, "--checkpoint", checkpoint, "--synthetic", 10, "--synthetic-images", 5, "--no-flip",
+             "--seed", 4)
+    faces, labels = synthetic_identities(0, 10, 5)
+    want = expected_mfr(checkpoint, faces, labels, 5, 4)
+    assert set(r) >= {"mask", "unmasked", "all", "groups", "score"} and r["groups"] == {}
+    assert (r["n_images"], r["n_identities"]) == (50, 10)
+    assert (r["mask"]["n_genuine"], r["mask"]["n_impostor"]) == (40, 10 * 40 - 40)
+    assert (r["all"]["n_genuine"], r["all"]["n_impostor"]) == (100, 50 * 49 // 2 - 100)
+    for name in ("mask", "unmasked"):
+        assert r[name]["tar_at_far"] == {"0.0001": want[name][MASK_FAR]}
+    assert r["all"]["tar_at_far"] == {"1e-06": want["all"][1e-6], "0.0001": want["all"][1e-4]}
+    assert r["score"] == pytest.approx(0.25 * want["mask"][1e-4] + 0.75 * want["all"][1e-6])
+
+
+def test_eval_mfr_folder_rec_and_groups_agree(checkpoint, faces_folder, tmp_path, capsys):
+    from unitsface.data.recordio import write_face_dataset
+
+    root, faces, labels = faces_folder
+    groups = tmp_path / "groups.txt"
+    groups.write_text("# identity group\n" + "".join(f"person{i}\t{'even' if i % 2 == 0 else 'odd'}\n"
+                                                    for i in range(8)))
+    r = _mfr(capsys, "--checkpoint", checkpoint, "--images-root", root, "--groups", groups, "--out", tmp_path / "rep",
+             "--no-flip")
+    want = expected_mfr(checkpoint, faces, labels, 4, 0)
+    assert r["mask"]["tar_at_far"]["0.0001"] == want["mask"][MASK_FAR]
+    assert r["all"]["tar_at_far"] == {"1e-06": want["all"][1e-6], "0.0001": want["all"][1e-4]}
+    assert set(r["groups"]) == {"even", "odd"} and r["groups"]["odd"]["n_identities"] == 4
+    assert r["groups"]["odd"]["n_genuine"] == 4 * 6 and r["groups"]["odd"]["n_impostor"] == 16 * 15 // 2 - 24
+    for name in ("report.md", "roc.png", "metrics.json"):
+        assert (tmp_path / "rep" / name).is_file()
+    assert "| group odd (all pairs) |" in (tmp_path / "rep" / "report.md").read_text()
+    # The same faces packed as a .rec (PNG bytes kept): the same numbers, identities named by label.
+    write_face_dataset(tmp_path / "rec", [(i // 4, (root / f"person{i // 4}" / f"{i % 4}.png").read_bytes())
+                                          for i in range(32)])
+    rec = _mfr(capsys, "--checkpoint", checkpoint, "--rec", tmp_path / "rec", "--no-flip")
+    for name in ("mask", "unmasked", "all"):
+        assert rec[name]["tar_at_far"] == r[name]["tar_at_far"]
+        assert rec[name]["threshold"] == r[name]["threshold"]
+
+
+def test_eval_mfr_table(checkpoint, faces_folder, capsys):
+    from unitsface.cli import main
+
+    assert main(["eval", "mfr", "--checkpoint", str(checkpoint), "--images-root", str(faces_folder[0]),
+                 "--no-flip"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| set | genuine pairs | impostor pairs | TAR@FAR≤0.0001 (%) | TAR@FAR≤1e-06 (%) |")
+    assert "| Mask (masked probe vs unmasked) | 24 | 168 |" in out and "Score = 0.25" in out
+    assert "single-pass" in out and "* FAR target below 1/(impostor pairs)" in out
+
+
+def test_eval_mfr_bad_input_is_one_line(checkpoint, faces_folder, tmp_path, capsys):
+    from unitsface.data.images import encode_png
+
+    root = faces_folder[0]
+    groups = tmp_path / "g.txt"
+    groups.write_text("person1 a\nnobody a\n")
+    assert "group 'a' names identity 'nobody'" in _mfr_fails(capsys, "--checkpoint", checkpoint, "--images-root",
+                                                             root, "--groups", groups)
+    groups.write_text("person1\n")
+    assert "line 1: expected 'identity group'" in _mfr_fails(capsys, "--checkpoint", checkpoint, "--images-root",
+                                                             root, "--groups", groups)
+    lonely = tmp_path / "lonely"
+    shutil.copytree(root, lonely)
+    for extra in ("1", "2", "3"):
+        (lonely / "person5" / f"{extra}.png").unlink()
+    assert "identity 'person5' has 1 image" in _mfr_fails(capsys, "--checkpoint", checkpoint, "--images-root", lonely)
+    wrong = tmp_path / "wrong"
+    (wrong / "a").mkdir(parents=True)
+    (wrong / "b").mkdir()
+    for person in "ab":
+        for i in range(2):
+            (wrong / person / f"{i}.png").write_bytes(encode_png(np.zeros((100, 90, 3), np.uint8)))
+    assert "is 90×100, not a 112×112 aligned face; pass --align" in _mfr_fails(
+        capsys, "--checkpoint", checkpoint, "--images-root", wrong)
+    assert "one face set" in _mfr_fails(capsys, "--checkpoint", checkpoint, "--images-root", root, "--synthetic", 4)
+    assert "one face set" in _mfr_fails(capsys, "--checkpoint", checkpoint)
+    assert "detector model not found" in _mfr_fails(capsys, "--checkpoint", checkpoint, "--images-root", root,
+                                                    "--align", tmp_path / "none.onnx")
+
+
+# ------------------------------------------------------------------------------------------ bench
+def test_mfr_speed_bench_agrees_with_its_naive_baseline():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mfr_speed.py"), "--images", "400", "--dim", "32"],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0]["pairs"] == 400 * 399 // 2 and lines[1]["method"] == "histogram + refinement"
+    assert lines[-1]["same_tar"] is True and {"speedup_wall", "speedup_cpu"} <= set(lines[-1])

@@ -21,15 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def report(path: str, as_json: bool) -> int:
     """Print the rules of one ONNX file; 1 if a rule is not met (shared with `export --check-mfr`)."""
-    from unitsface.export.mfr_rules import NOT_MET, check_mfr_rules, format_rules
+    from unitsface.export.mfr_rules import NOT_MET, UNKNOWN, check_mfr_rules, format_rules
 
     checks = check_mfr_rules(path)
-    broken = any(c.status == NOT_MET for c in checks)
+    broken = sum(c.status == NOT_MET for c in checks)
     if as_json:
-        print(json.dumps({"file": str(path), "mfr_rules": [c.as_dict() for c in checks], "all_met": not broken}))
+        print(json.dumps({"file": str(path), "mfr_rules": [c.as_dict() for c in checks], "not_met": broken,
+                          "unknown": sum(c.status == UNKNOWN for c in checks)}))
     else:
         print(format_rules(path, checks))
-    return int(broken)
+    return int(broken > 0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,7 +46,10 @@ _STYLES = {
     "n95":      (0.22, 0.00, 0.35, 1.52, 0.00, 0.80, 0.88, 0.00, 0.00, 0.00, 0.22, 0.05),
     "kn95":     (0.17, 0.26, 0.00, 1.62, 0.45, 0.20, 0.95, 0.00, 0.00, 0.22, 0.08, 0.04),
 }
-_JITTER = (0.03, 0.0, 0.03, 0.06, 0.0, 0.05, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0)  # uniform ± per field
+_JITTER = np.array([0.03, 0.0, 0.03, 0.06, 0.0, 0.05, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0])  # uniform ± per field
+_TABLE = np.array([_STYLES[kind] for kind in KINDS])
+_COLOUR_TABLE = np.array(list(COLOURS.values()))
+_COLOUR_CDF = np.cumsum(COLOUR_P)
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,9 @@ def sample_masks(rng: np.random.Generator, n: int, kinds: tuple[str, ...] = KIND
         raise UnitsfaceError(f"unknown mask kind {unknown[0]!r}; known: {', '.join(KINDS)}" if unknown
                              else "no mask kind given")
     kind = np.asarray([KINDS.index(k) for k in kinds])[rng.integers(0, len(kinds), n)]
-    base = np.asarray(list(COLOURS.values()))[rng.choice(len(COLOURS), n, p=COLOUR_P)]
-    colour = np.clip(base * rng.uniform(0.92, 1.06, (n, 1)) + rng.normal(0.0, 0.015, (n, 3)), 0.0, 1.0)
-    shape = np.asarray([_STYLES[KINDS[k]] for k in kind], dtype=np.float64).reshape(n, len(_JITTER))
-    shape += rng.uniform(-1.0, 1.0, shape.shape) * np.asarray(_JITTER)
+    pick = np.minimum(np.searchsorted(_COLOUR_CDF, rng.random(n), side="right"), len(COLOURS) - 1)
+    colour = np.clip(_COLOUR_TABLE[pick] * rng.uniform(0.92, 1.06, (n, 1)) + rng.normal(0.0, 0.015, (n, 3)), 0.0, 1.0)
+    shape = _TABLE[kind] + rng.uniform(-1.0, 1.0, (n, len(_JITTER))) * _JITTER
     return MaskParams(kind, colour, shape, rng.integers(0, _BANK - 112, (n, 2)))
 
 
@@ -104,7 +106,7 @@ def _frames(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     eyes = landmarks[:, :2].mean(1)
     mouth = landmarks[:, 3:].mean(1)
     across = landmarks[:, 1] - landmarks[:, 0]
-    spacing = np.linalg.norm(across, axis=1)
+    spacing = np.sqrt(np.einsum("ij,ij->i", across, across))
     if not (spacing > 1e-6).all():
         raise UnitsfaceError("mask landmarks are degenerate: the two eyes coincide")
     ex = across / spacing[:, None]
@@ -121,16 +123,19 @@ def _frames(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return frame, spacing, height
 
 
-def _window(frame: np.ndarray, shape: np.ndarray, size: int) -> tuple[slice, slice]:
+def _window(frame: np.ndarray, spacing: np.ndarray, height: np.ndarray, shape: np.ndarray,
+            size: int) -> tuple[slice, slice]:
     """Rows and columns every mask of the batch can touch: the corners of each mask's (u, v) box mapped
-    back to pixels, widened by the edge softness."""
+    back to pixels (the frame's axes are orthogonal: p = spacing·(u − u₀)·ex + height·(v − v₀)·ey),
+    widened by the edge softness."""
     width = shape[:, 6]
     top = np.minimum(shape[:, 0], shape[:, 0] + shape[:, 1] * width + shape[:, 2] * width**2)
-    corners_uv = np.stack([np.stack([s * width, v], 1) for s in (-1, 1) for v in (top, shape[:, 3])], 1)
-    linear, shift = frame[:, :, :2], frame[:, :, 2]
-    pixels = np.einsum("nij,nkj->nki", np.linalg.inv(linear), corners_uv - shift[:, None, :])
-    lo = np.floor(pixels.min((0, 1)) - 2 * EDGE_SOFTNESS).astype(int)
-    hi = np.ceil(pixels.max((0, 1)) + 2 * EDGE_SOFTNESS).astype(int) + 1
+    ex, ey = frame[:, 0, :2] * spacing[:, None], frame[:, 1, :2] * height[:, None]
+    pixels = np.concatenate([((s * width - frame[:, 0, 2]) * spacing)[:, None] * ex
+                             + ((v - frame[:, 1, 2]) * height)[:, None] * ey
+                             for s in (-1, 1) for v in (top, shape[:, 3])])
+    lo = np.floor(pixels.min(0) - 2 * EDGE_SOFTNESS).astype(int)
+    hi = np.ceil(pixels.max(0) + 2 * EDGE_SOFTNESS).astype(int) + 1
     x0, y0 = np.clip(lo, 0, size)
     x1, y1 = np.clip(hi, 0, size)
     return slice(int(y0), int(max(y0, y1))), slice(int(x0), int(max(x0, x1)))
@@ -167,7 +172,7 @@ def render_masks(images: np.ndarray, params: MaskParams, landmarks: np.ndarray |
     alpha_full = np.zeros((n, size, size), np.float32) if return_alpha else None
     if n:
         frame, spacing, height = _frames(points)
-        rows, cols = _window(frame, params.shape, size)
+        rows, cols = _window(frame, spacing, height, params.shape, size)
         if rows.start < rows.stop and cols.start < cols.stop:
             alpha = _draw(out, frame, spacing, height, params, rows, cols)
             if alpha_full is not None:
@@ -191,8 +196,8 @@ def _draw(out: np.ndarray, frame: np.ndarray, spacing: np.ndarray, height: np.nd
     fr = frame.astype(f32)
     u = per_face(fr[:, 0, 0]) * xs + per_face(fr[:, 0, 1]) * ys + per_face(fr[:, 0, 2])
     v = per_face(fr[:, 1, 0]) * xs + per_face(fr[:, 1, 1]) * ys + per_face(fr[:, 1, 2])
-    s = [per_face(params.shape[:, i]) for i in range(params.shape.shape[1])]
-    top, peak, curve, bottom, point, chin, width, pleats, weave, fold, rim, grain = s
+    top, peak, curve, bottom, point, chin, width, pleats, weave, fold, rim, grain = \
+        params.shape.T.astype(f32)[:, :, None, None]
     au = np.abs(u)
     u2 = u * u
     sv, su = per_face(height), per_face(spacing)
@@ -230,20 +235,12 @@ def _fitted_light(luminance: np.ndarray, alpha: np.ndarray, u: np.ndarray, v: np
     luminance the mask hides, relative to its mean and kept within [0.55, 1.3], so a mask on a face
     lit from one side is lit from that side too."""
     n = len(alpha)
-    w, uu, vv = (x.reshape(n, -1) for x in (alpha, np.broadcast_to(u, alpha.shape), np.broadcast_to(v, alpha.shape)))
-    lum = luminance.reshape(n, -1)
-    wu, wv = w * uu, w * vv
-
-    def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.einsum("np,np->n", a, b).astype(np.float64)
-
-    sw = w.sum(1, dtype=np.float64) + 1e-6
-    su, sv = wu.sum(1, dtype=np.float64), wv.sum(1, dtype=np.float64)
-    normal = np.stack([np.stack([sw, su, sv], 1), np.stack([su, dot(wu, uu), dot(wu, vv)], 1),
-                       np.stack([sv, dot(wu, vv), dot(wv, vv)], 1)], 1) + 1e-6 * np.eye(3)
-    rhs = np.stack([dot(w, lum), dot(wu, lum), dot(wv, lum)], 1)
-    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
-    mean = np.maximum(coef[:, 0] + (coef[:, 1] * su + coef[:, 2] * sv) / sw, 1.0)  # the plane's weighted mean
+    basis = np.stack(np.broadcast_arrays(np.float32(1.0), u, v, luminance)).reshape(4, n, -1)
+    weighted = basis[:3] * alpha.reshape(1, n, -1)
+    moments = np.einsum("anp,bnp->nab", weighted, basis).astype(np.float64)  # Σ w·{1,u,v}·{1,u,v,L}
+    normal = moments[:, :, :3] + 1e-6 * np.eye(3)
+    coef = np.linalg.solve(normal, moments[:, :, 3:])[..., 0]
+    mean = np.maximum(moments[:, 0, 3] / (moments[:, 0, 0] + 1e-6), 1.0)  # weighted mean luminance
     rel = (coef / mean[:, None]).astype(np.float32)
     plane = rel[:, 0, None, None] + rel[:, 1, None, None] * u + rel[:, 2, None, None] * v
     # A dark face gives a darker mask, but only partly: masks are brighter than skin in most photos.
