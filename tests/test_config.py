@@ -46,6 +46,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("train.tensorboard=3", "config key 'train.tensorboard' must be bool, got 3"),
         ("model.sync_batchnorm=1", "config key 'model.sync_batchnorm' must be bool, got 1"),
         ("train.lr", "override 'train.lr' must look like key=value"),
+        ("data.augment.mask_prob=1.5", "config key 'data.augment.mask_prob' must be in [0, 1], got 1.5"),
+        ("data.augment.mask=0.1", "unknown config key 'data.augment.mask' (did you mean 'data.augment.mask_prob'?)"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -65,7 +65,7 @@ class _FaceDataset(Dataset):
         """This dataset with its mask draws keyed by (seed, epoch): a shallow copy, so the images and
         index are shared and the caller's dataset is left as it was."""
         view = copy.copy(self)
-        view.epoch_key = (seed, epoch)
+        view.epoch_key = (seed % 2**63, epoch)  # seed sequences take non-negative words
         return view
 
     def __len__(self) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from unitsface.errors import UnitsfaceError
-from unitsface.evaluation.verification import _as_embeddings, l2_normalize
+from unitsface.evaluation.verification import _as_embeddings, l2_normalize, rates_from_counts
 
 MASK_FAR = 1e-4
 ALL_FARS = (1e-6, 1e-4)
@@ -262,12 +262,14 @@ def exact_tar_at_far(query: np.ndarray, query_labels: np.ndarray, gallery: np.nd
 
 
 def _binned_roc(hist: np.ndarray, genuine_sorted: np.ndarray, n_impostor: int) -> dict[str, np.ndarray]:
-    """ROC points at every non-empty bin's lower edge (exact there), thresholds descending."""
+    """ROC points at every non-empty bin's lower edge (exact there), thresholds descending, closed by
+    the accept-everything point."""
     bins = np.flatnonzero(hist)[::-1]
     edges = np.array([_value(int(b) << 16) for b in bins], dtype=np.float32)
-    fp = np.cumsum(hist[bins])
-    tp = len(genuine_sorted) - np.searchsorted(genuine_sorted, edges, "left")
-    return {"fpr": np.r_[0.0, fp / n_impostor], "tpr": np.r_[0.0, tp / len(genuine_sorted)]}
+    fp = np.r_[np.cumsum(hist[bins]), n_impostor]
+    tp = np.r_[len(genuine_sorted) - np.searchsorted(genuine_sorted, edges, "left"), len(genuine_sorted)]
+    fpr, tpr, thresholds = rates_from_counts(fp, tp, np.r_[edges, -np.inf])
+    return {"fpr": fpr, "tpr": tpr, "thresholds": thresholds}
 
 
 # ------------------------------------------------------------------------------------------ protocol

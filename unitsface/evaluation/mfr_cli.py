@@ -11,7 +11,7 @@ counts per identity, the groups file) is checked before the first image is embed
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,6 @@ class FaceSet:
 
     name: str
     items: list[tuple[str, str, Callable[[], np.ndarray]]]
-    counts: dict[str, int] = field(default_factory=dict)  # faces aligned / found no face, filled by `embed`
 
     @property
     def labels(self) -> np.ndarray:
@@ -110,8 +109,9 @@ def _chunks(n: int) -> Iterator[slice]:
 
 
 def embed_set(faces: FaceSet, verifier: FaceVerifier, detector: FaceDetector | None, flip: bool, batch_size: int,
-              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(unmasked embeddings of every face, probe rows, embeddings of the masked probes)."""
+              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(unmasked embeddings of every face, probe rows, embeddings of the masked probes, and with a
+    detector how many faces it aligned and found no face in)."""
     from unitsface.data.masks import MaskParams, render_masks, sample_masks
     from unitsface.detect import face_crop
 
@@ -142,9 +142,8 @@ def embed_set(faces: FaceSet, verifier: FaceVerifier, detector: FaceDetector | N
             params = MaskParams.concat([sample_masks(np.random.default_rng([seed, probe_of[r]]), 1) for r in rows])
             drawn = render_masks(batch[local], params, np.stack(marks)[local])
             masked.append(verifier.raw_embeddings(drawn, flip, batch_size))
-    if detector is not None:
-        faces.counts = {"aligned": found, "no_face_found": missing}
-    return np.concatenate(features), probe_rows, np.concatenate(masked)
+    counts = {"aligned": found, "no_face_found": missing} if detector is not None else {}
+    return np.concatenate(features), probe_rows, np.concatenate(masked), counts
 
 
 def run_mfr(faces: FaceSet, verifier: FaceVerifier, detector: FaceDetector | None, groups: dict[str, list[str]] | None,
@@ -152,9 +151,9 @@ def run_mfr(faces: FaceSet, verifier: FaceVerifier, detector: FaceDetector | Non
     """The checks, the embeddings and `evaluate_mfr` of one face set."""
     labels = faces.labels
     check_sets(labels, groups)  # before any image is embedded
-    features, probe_rows, masked = embed_set(faces, verifier, detector, flip, batch_size, seed)
+    features, probe_rows, masked, counts = embed_set(faces, verifier, detector, flip, batch_size, seed)
     result = evaluate_mfr(features, labels, probe_rows, masked, groups, roc)
-    result.update(set=faces.name, flip=flip, mask_seed=seed, faces=faces.counts)
+    result.update(set=faces.name, flip=flip, mask_seed=seed, faces=counts)
     return result
 
 
