@@ -89,7 +89,7 @@ class _TailSelect:
             return
         self.buffer.append(values)
         self.buffered += len(values)
-        if self.buffered > self.next_prune:
+        if self.buffered > min(self.next_prune, self.cap):
             kept = np.concatenate(self.buffer)
             kept = kept[kept >= self.floor]
             self.buffer, self.buffered = [kept], len(kept)
@@ -116,8 +116,7 @@ class _TailSelect:
         """Pass 2 (only after an overflow): count the low 16 key bits of the values in each wanted bin."""
         keys = _keys(values)
         high = keys >> 16
-        for r in self.ranks:
-            b = self._bin_of(r)[0]
+        for b in {self._bin_of(r)[0] for r in self.ranks}:  # ranks may share a bin: count it once
             counts = self.low.setdefault(b, np.zeros(_BINS, np.int64))
             counts += np.bincount(keys[high == b] & 0xFFFF, minlength=_BINS)
 
