@@ -56,6 +56,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("model.input_size=big", "config key 'model.input_size' must be a number, got 'big'"),
         ("data.max_bad_fraction=1", "data.max_bad_fraction must be in [0, 1), got 1"),
         ("data.max_bad_fraction=-0.1", "data.max_bad_fraction must be in [0, 1), got -0.1"),
+        ("data.augment.mask_prob=1.5", "config key 'data.augment.mask_prob' must be in [0, 1], got 1.5"),
+        ("data.augment.mask=0.1", "unknown config key 'data.augment.mask' (did you mean 'data.augment.mask_prob'?)"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

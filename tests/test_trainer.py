@@ -75,11 +75,13 @@ def test_train_writes_outputs_and_checkpoint_loads_weights_only(cache, tmp_path)
 @pytest.mark.parametrize("scale_out", [(), ("head.sample_rate=0.5", "train.sparse_update=true",
                                               "head.memory_dtype=bfloat16"),
                                        ("train.optimizer=adamw", "train.lr=0.002", "train.weight_decay=0.1",
-                                        "train.no_decay_norm_bias=true", "train.head_lr_scale=10")],
-                         ids=["plain", "scale_out", "adamw_groups"])
+                                        "train.no_decay_norm_bias=true", "train.head_lr_scale=10"),
+                                       ("data.augment.mask_prob=0.5",)],
+                         ids=["plain", "scale_out", "adamw_groups", "masks"])
 def test_resume_continues_the_same_loss_curve(cache, tmp_path, scale_out):
     """Also with Partial FC, lazily updated rows and a bf16 memory, or AdamW's moments over four parameter
-    groups: their state survives the checkpoint."""
+    groups: their state survives the checkpoint; and with mask augmentation, whose draws depend on (seed,
+    epoch, image) only."""
     full, part = tmp_path / "full", tmp_path / "part"
     # has memory + lazily initialised bias: state matters
     head = ["head.name=unitsface", "head.s=16.0", *scale_out]

@@ -105,6 +105,12 @@ def align_face(image: np.ndarray, landmarks5: np.ndarray, size: int = 112) -> np
     `landmarks5`: 5×2 (x, y) pixel coordinates in template order — left eye, right eye, nose
     tip, left mouth corner, right mouth corner, left/right as seen in the image.
     """
+    return align_face_landmarks(image, landmarks5, size)[0]
+
+
+def align_face_landmarks(image: np.ndarray, landmarks5: np.ndarray, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
+    """`align_face` plus where the five landmarks land in the crop (near, not on, the template: the
+    similarity is a least-squares fit), for anything drawn onto the face afterwards (masks)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise UnitsfaceError(f"expected a uint8 H×W or H×W×C image, got {image.dtype} with shape {image.shape}")
@@ -112,4 +118,4 @@ def align_face(image: np.ndarray, landmarks5: np.ndarray, size: int = 112) -> np
     if points.shape != (5, 2) or not np.isfinite(points).all():
         raise UnitsfaceError(f"expected 5×2 finite landmarks (x, y), got shape {points.shape}")
     matrix = estimate_similarity(points, template(size))
-    return warp_affine(image, matrix, (size, size))
+    return warp_affine(image, matrix, (size, size)), points @ matrix[:, :2].T + matrix[:, 2]

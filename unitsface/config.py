@@ -31,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
                       "heldout_identities": 100, "heldout_images": 8},
         "cache": None,  # where the synthetic set is generated; default ~/.cache/unitsface
         "max_bad_fraction": 0.001,
+        # Training-time augmentation in the loader workers: mask_prob = chance that a face gets a
+        # rendered mask (data.masks); insightface's MFR recipes use 0.1.
+        "augment": {"mask_prob": 0.0},
     },
     "model": {
         "backbone": "iresnet50",
@@ -90,6 +93,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.synthetic.heldout_images": (int,),
     "data.cache": (str, type(None)),
     "data.max_bad_fraction": (float, int),
+    "data.augment.mask_prob": (float, int),
     "model.backbone": (str,),
     "model.embedding_size": (int,),
     "model.sync_batchnorm": (bool,),
@@ -266,6 +270,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise UnitsfaceError(f"config key 'train.max_steps' must be positive, got {flat['train.max_steps']}")
     if not 0 <= flat["data.max_bad_fraction"] < 1:
         raise UnitsfaceError(f"data.max_bad_fraction must be in [0, 1), got {flat['data.max_bad_fraction']}")
+    if not 0 <= flat["data.augment.mask_prob"] <= 1:
+        raise UnitsfaceError(f"config key 'data.augment.mask_prob' must be in [0, 1], got "
+                             f"{flat['data.augment.mask_prob']}")
     if not all(isinstance(m, int) and m >= 0 for m in flat["train.milestones"]):
         raise UnitsfaceError(f"train.milestones must be a list of epoch numbers, got {flat['train.milestones']}")
     if not all(isinstance(v, str) for v in flat["data.val"]):

@@ -18,7 +18,7 @@ import sys
 from unitsface import __version__
 from unitsface.errors import UnitsfaceError
 
-COMMANDS = ("data", "train", "eval", "demo", "bench", "export", "embed", "calibrate", "verify", "serve")
+COMMANDS = ("data", "train", "eval", "demo", "bench", "export", "embed", "calibrate", "verify", "serve", "check_onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:

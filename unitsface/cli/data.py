@@ -65,6 +65,28 @@ def _make_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unitsface.data.tools import mask_bin, mask_folder
+
+    source = Path(args.src)
+    if not (source.is_dir() or (source.suffix == ".bin" and source.is_file())):
+        raise UnitsfaceError(f"mask source must be a folder of identities or an existing .bin file: {source}")
+    if source.suffix == ".bin" and Path(args.out).suffix != ".bin":
+        raise UnitsfaceError(f"a .bin is masked into a .bin; got output {args.out}")
+    detector = None
+    if args.align:
+        from unitsface.detect import FaceDetector
+
+        if not Path(args.align).is_file():
+            raise UnitsfaceError(f"detector model not found: {args.align}")
+        detector = FaceDetector(args.align)
+    masker = mask_folder if source.is_dir() else mask_bin
+    _print_report(masker(source, args.out, args.prob, args.seed, detector))
+    return 0
+
+
 def _conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
     parser.add_argument("--image-size", type=int, default=FACE_SIZE, help="output side in pixels (default 112)")
@@ -116,6 +138,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make_bin.add_argument("--seed", type=int, default=0)
     _conversion_options(make_bin)
     make_bin.set_defaults(func=_make_bin)
+
+    mask = commands.add_parser("mask", help="draw face masks: a folder of identities, or the first image of each "
+                                            ".bin pair (labels and layout kept)")
+    mask.add_argument("src", help="SRC/<identity>/<img> (aligned 112×112 faces) or a .bin")
+    mask.add_argument("out", help="output folder, or output .bin for a .bin")
+    mask.add_argument("--prob", type=float, default=1.0, help="chance that an image gets a mask (default 1)")
+    mask.add_argument("--seed", type=int, default=0)
+    mask.add_argument("--align", metavar="DETECTOR.onnx", default=None,
+                      help="detect and align faces with this YuNet model first (images of any size)")
+    mask.set_defaults(func=_mask)
 
     import_ = commands.add_parser("import", help="PGM/PNG/JPEG tree of any size -> 112x112 RGB JPEG tree")
     import_.add_argument("src", help="SRC/<identity>/<img>")

@@ -6,8 +6,10 @@
     unitsface eval --onnx MODEL.onnx --images-root FACES/   (every pair of FACES/<identity>/<img>)
     unitsface eval ijb --root IJB_ROOT --name IJBC (--checkpoint CKPT | --onnx MODEL | --features F.npy)
     unitsface eval megaface --probe P.npy --probe-labels L.npy --distractors D.npy [D2.npy ...]
+    unitsface eval mfr --onnx MODEL.onnx --images-root FACES/ [--align YUNET.onnx] [--groups G.txt] --no-flip
+    unitsface eval mfr --checkpoint CKPT (--rec DIR | --synthetic 200) [--json] [--out DIR]
 
-Every model path goes through `FaceVerifier`, so checkpoints and third-party ONNX graphs are embedded
+Every model path goes through an `Embedder`, so checkpoints and third-party ONNX graphs are embedded
 and scored the same way; `--normalize`, `--color` and `--input-size` describe what an ONNX graph wants.
 """
 
@@ -30,10 +32,10 @@ FILE_CHUNK = 1024  # image files decoded and embedded at once
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model: .bin sets, LFW pairs, image folders, IJB, MegaFace")
-    p.add_argument("protocol", nargs="?", default="bin", choices=("bin", "ijb", "megaface"),
+    p = subparsers.add_parser("eval", help="evaluate a model: .bin sets, LFW pairs, image folders, IJB, MegaFace, MFR")
+    p.add_argument("protocol", nargs="?", default="bin", choices=("bin", "ijb", "megaface", "mfr"),
                    help="bin (default): pair verification (--bin, --pairs, --images-root); ijb: IJB-B/C 1:1; "
-                        "megaface: MegaFace-style identification")
+                        "megaface: MegaFace-style identification; mfr: masked-face Mask and All sets")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="a unitsface checkpoint (.pt)")
     src.add_argument("--onnx", help="any ONNX face model (input N×3×H×W, output N×d)")
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--resize", choices=("pad", "stretch"), default="pad",
                    help="how image files of another size become the model's square input: scale to fit on "
                         "black (pad, default) or resize the whole image (stretch)")
-    v.add_argument("--out", default=None, help="also write report.md and roc.png (bin and pairs sets) here")
+    v.add_argument("--out", default=None, help="also write report.md and roc.png (bin and pairs sets, mfr) here")
 
     ijb = p.add_argument_group("ijb protocol")
     ijb.add_argument("--root", help="folder of the IJB release (<root>/<name>/meta and loose_crop)")
@@ -73,6 +75,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="distractor features (.npy, memory-mapped) or image folders embedded with the model")
     mf.add_argument("--ranks", default="1", help="identification ranks, e.g. 1,10")
     mf.add_argument("--far", type=float, default=1e-6, help="FAR of the verification TAR (default 1e-6)")
+
+    mfr = p.add_argument_group("mfr protocol (faces from --images-root DIR, --rec or --synthetic)")
+    mfr.add_argument("--rec", metavar="DIR", help="a train.rec/train.idx face set")
+    mfr.add_argument("--synthetic", type=int, metavar="N", help="N held-out synthetic identities, rendered in memory")
+    mfr.add_argument("--synthetic-images", type=int, default=8, help="images per synthetic identity (default 8)")
+    mfr.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic set (default 0, the demo's)")
+    mfr.add_argument("--align", metavar="DETECTOR.onnx",
+                     help="detect five landmarks with this YuNet model and align; without it images must be "
+                          "112×112 aligned crops")
+    mfr.add_argument("--groups", metavar="FILE", help="lines 'identity group': one All-set row per group")
+    mfr.add_argument("--seed", type=int, default=0, help="seed of the rendered masks (default 0)")
     p.set_defaults(func=run)
 
 
@@ -269,5 +282,28 @@ def _run_megaface(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ mfr
+def _run_mfr(args: argparse.Namespace) -> int:
+    from unitsface.evaluation.mfr_cli import format_mfr, read_groups, run_mfr, sources, write_mfr_report
+    from unitsface.evaluation.report import jsonable
+
+    faces = sources(args.images_root, args.rec, args.synthetic, args.synthetic_images, args.synthetic_seed)
+    groups = read_groups(args.groups) if args.groups else None
+    if args.align and not Path(args.align).is_file():
+        raise UnitsfaceError(f"detector model not found: {args.align}")
+    embedder = load_embedder(args)
+    detector = None
+    if args.align:
+        from unitsface.detect import FaceDetector
+
+        detector = FaceDetector(args.align)
+    result = run_mfr(faces, embedder, detector, groups, not args.no_flip, args.batch_size, args.seed,
+                     roc=bool(args.out))
+    if args.out:
+        write_mfr_report(args.out, result, {"model": args.checkpoint or args.onnx, "detector": args.align or "—"})
+    print(json.dumps(jsonable(result)) if args.json else format_mfr(result))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"bin": _run_pairs, "ijb": _run_ijb, "megaface": _run_megaface}[args.protocol](args)
+    return {"bin": _run_pairs, "ijb": _run_ijb, "megaface": _run_megaface, "mfr": _run_mfr}[args.protocol](args)

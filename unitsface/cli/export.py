@@ -2,6 +2,7 @@
 
     unitsface export runs/x/checkpoint.pt --onnx model.onnx [--flip-sum] [--opset 17] [--static-batch N]
     unitsface export runs/x/checkpoint.pt --torchscript model.ts.pt
+    unitsface export runs/x/checkpoint.pt --onnx model.onnx --check-mfr   (+ the MFR model rules, as check-onnx)
 
 The graph input `data` is N×3×S×S float in the model's colour order, normalised as in training;
 the output is N×d raw embeddings (one float32 output, dynamic batch unless `--static-batch N`). The
@@ -33,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check-images", default=None, metavar="DIR_OR_LIST",
                    help=f"real face images to check the export on too (first {MAX_CHECK_IMAGES})")
     p.add_argument("--tolerance", type=float, default=None, help="max abs difference allowed (default 1e-4)")
+    p.add_argument("--check-mfr", action="store_true",
+                   help="after the ONNX export, list the MFR submission rules it meets (as `unitsface check-onnx`)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON lines")
     p.set_defaults(func=run)
 
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.onnx or args.torchscript):
         raise UnitsfaceError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    if args.check_mfr and not args.onnx:
+        raise UnitsfaceError("--check-mfr checks an ONNX export: give --onnx OUT.onnx")
     images = [load_image(p) for p in list_images(args.check_images)[:MAX_CHECK_IMAGES]] if args.check_images else []
     tolerance = TOLERANCE if args.tolerance is None else args.tolerance
     reports = []
@@ -60,4 +65,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {report.path} ({report.format}); max abs diff vs PyTorch: {diffs}")
             learned = exported_point(report.metadata)
             print(f"  {learned.describe()}" if learned else "  no learned threshold: set one with unitsface calibrate")
+    if args.check_mfr:
+        from unitsface.cli.check_onnx import report as rules
+
+        rules(args.onnx, args.json)  # the export itself succeeded: its exit status stays 0
     return 0

@@ -5,6 +5,7 @@
 - `bins`: `.bin` verification sets through a restricted unpickler (`load_bin`, `save_bin`).
 - `images`: JPEG/PNG/PGM decoding to RGB, face-sized resizing.
 - `dataset`: torch datasets and the loader (imports torch; not imported here).
+- `masks`: face masks rendered on aligned faces (MFR probes, mask augmentation).
 - `tools`: back ends of `unitsface data ...`.
 """
 

@@ -9,6 +9,7 @@ pipes and host-to-device copies, and normalising once per batch is cheaper than 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import random
@@ -37,9 +38,11 @@ def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
 Sample = tuple[torch.Tensor, int, tuple[int, ...]]
 """(uint8 CHW image, class, ids of the unreadable records this sample stands in for: usually none)."""
 
+MASK_STREAM = 0x6D61736B  # first word of the mask augmentation's seed sequences ("mask")
+
 
 class _FaceDataset(Dataset):
-    """Decoding, flip augmentation and bad-record replacement shared by both layouts.
+    """Decoding, flip and mask augmentation and bad-record replacement shared by both layouts.
 
     A corrupt JPEG or a truncated record in a multi-million-image set must not end a multi-day
     run, but many of them mean a broken file. A sample whose record cannot be read is replaced
@@ -48,13 +51,22 @@ class _FaceDataset(Dataset):
     the set). The ids of the unreadable records travel with the sample: loader workers are
     separate processes, so only what a sample carries reaches the training process, where
     `BadRecords` counts them and enforces `max_bad_fraction`.
+
+    Mask augmentation (`mask_prob`, training only) draws a rendered face mask (data.masks) on the
+    aligned crop. Whether image i is masked, and with which mask, comes from a generator keyed by
+    (seed, epoch, i) — set per epoch by `for_epoch` — never from worker or call order, so a resumed
+    run and any worker count see the same images.
     """
 
     def __init__(self, labels: np.ndarray, num_classes: int, train: bool, flip: bool, max_bad_fraction: float,
-                 source: str, unreadable: np.ndarray | tuple[int, ...] = ()):
+                 source: str, unreadable: np.ndarray | tuple[int, ...] = (), mask_prob: float = 0.0):
+        if not 0.0 <= mask_prob <= 1.0:
+            raise UnitsfaceError(f"mask probability must be in [0, 1], got {mask_prob}")
         self.labels = labels
         self.num_classes = num_classes
         self.flip = train and flip
+        self.mask_prob = mask_prob if train else 0.0
+        self.epoch_key = (0, 0)  # (seed, epoch) of the mask draws
         self.source = source  # the file or folder named when the bad records are too many
         self.unreadable = tuple(int(k) for k in unreadable)  # ids the index scan could not read
         self.max_bad = int(max_bad_fraction * (len(labels) + len(self.unreadable)))
@@ -62,6 +74,13 @@ class _FaceDataset(Dataset):
         self._by_class: tuple[np.ndarray, np.ndarray] | None = None
         if len(self.unreadable) > self.max_bad:
             raise self.too_many_bad(self.unreadable)
+
+    def for_epoch(self, seed: int, epoch: int) -> _FaceDataset:
+        """This dataset with its mask draws keyed by (seed, epoch): a shallow copy, so the images and
+        index are shared and the caller's dataset is left as it was."""
+        view = copy.copy(self)
+        view.epoch_key = (seed % 2**63, epoch)  # seed sequences take non-negative words
+        return view
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,6 +102,12 @@ class _FaceDataset(Dataset):
         img = decode(data, source)
         if img.shape[:2] != (FACE_SIZE, FACE_SIZE):
             img = to_face_image(img, FACE_SIZE)
+        if self.mask_prob:
+            rng = np.random.default_rng([MASK_STREAM, *self.epoch_key, index])
+            if rng.random() < self.mask_prob:
+                from unitsface.data.masks import mask_faces
+
+                img = mask_faces(img, rng)  # aligned crops: the template's landmarks
         chw = img.transpose(2, 0, 1)
         if self.flip and random.random() < 0.5:  # 100x cheaper than torch.rand; seeded per worker too
             chw = chw[:, :, ::-1]
@@ -141,14 +166,15 @@ class RecordDataset(_FaceDataset):
     """A train.rec/train.idx dataset (insightface, im2rec or shuffled layouts, formats.md §4)."""
 
     def __init__(
-        self, folder: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001
+        self, folder: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001,
+        mask_prob: float = 0.0,
     ):
         self.idx_path, self.rec_path = resolve_record_paths(folder)
         index = scan_dataset(folder)
         self.keys = index.keys
         self._reader: IndexedRecordIO | None = None
         super().__init__(index.labels, index.num_classes, train, flip, max_bad_fraction, str(self.rec_path),
-                         index.unreadable)
+                         index.unreadable, mask_prob)
 
     def __getstate__(self) -> dict:
         # Each worker maps the file itself: an open mmap cannot be pickled for spawn.
@@ -179,12 +205,13 @@ class RecordDataset(_FaceDataset):
 class ImageFolderDataset(_FaceDataset):
     """`root/<identity>/<image>` with labels in sorted folder order (formats.md §10)."""
 
-    def __init__(self, root: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001):
+    def __init__(self, root: str | os.PathLike, train: bool = True, flip: bool = True, max_bad_fraction: float = 0.001,
+                 mask_prob: float = 0.0):
         classes, items = list_image_folder(root)
         self.classes = classes
         self.paths = [path for path, _ in items]
         labels = np.asarray([label for _, label in items], dtype=np.int64)
-        super().__init__(labels, len(classes), train, flip, max_bad_fraction, str(root))
+        super().__init__(labels, len(classes), train, flip, max_bad_fraction, str(root), mask_prob=mask_prob)
 
     def record_id(self, index: int) -> int:
         return index
@@ -288,15 +315,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return len(self.indices())
 
 
-
 def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, start_batch: int = 0,
                 shuffle: bool = True, pin_memory: bool = False) -> DataLoader:
     """The training DataLoader: order fixed by (seed, epoch), this rank's share, from batch `start_batch`.
 
     Full batches only. Worker seeding uses its own generator, never the global RNG, so that a
-    resumed run draws the same random numbers as an uninterrupted one.
+    resumed run draws the same random numbers as an uninterrupted one; a face dataset's mask draws
+    are keyed by (seed, epoch) here.
     """
     sampler = EpochSampler(len(dataset), seed, epoch, start_batch * batch_size, shuffle, batch_size)
+    if isinstance(dataset, _FaceDataset):
+        dataset = dataset.for_epoch(seed, epoch)
     return DataLoader(
         dataset,
         batch_size=batch_size,

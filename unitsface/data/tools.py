@@ -1,4 +1,4 @@
-"""Back ends of `unitsface data ...`: pack, import, inspect and make-bin.
+"""Back ends of `unitsface data ...`: pack, import, inspect, make-bin and mask.
 
 Every function returns a dict report for the CLI to print. Image conversion runs in a
 process pool (`workers`), because JPEG encoding dominates the cost of packing and the
@@ -21,9 +21,11 @@ from unitsface.data.bins import fold_counts, load_bin, save_bin
 from unitsface.data.images import (
     FACE_SIZE,
     decode,
+    encode_jpeg,
     encode_png,
     face_jpeg,
     image_size,
+    is_jpeg,
     list_image_folder,
     to_face_image,
 )
@@ -319,3 +321,93 @@ def make_bin_from_folder(
     if len(chosen) < pairs:
         raise UnitsfaceError(f"{root}: found only {len(chosen)} distinct pairs of the {pairs} asked for")
     return _write_bin(Path(out), chosen, issame, workers, size)
+
+
+# --------------------------------------------------------------------------- mask
+
+
+def _masked_image(data: bytes, source: str, key: list[int], prob: float, detector) -> tuple[np.ndarray | None, bool]:
+    """(the face to write, or None to keep the bytes as they are; whether it got a mask).
+
+    The draw comes from a generator keyed by (seed, image position): which images are masked, and
+    how, does not depend on the order they are processed in.
+    """
+    from unitsface.data.masks import mask_faces
+    from unitsface.detect import face_crop
+
+    rng = np.random.default_rng(key)
+    masked = bool(rng.random() < prob)
+    face, landmarks = face_crop(decode(data, source), source, detector)  # without a detector: a 112×112 crop?
+    if masked:
+        return mask_faces(face, rng, landmarks), True
+    return (None if detector is None else face), False
+
+
+def _encode_like(face: np.ndarray, name: str) -> bytes:
+    """`face` encoded in the format the file name says: JPEG (quality 95), PNG, else Pillow's choice."""
+    import io
+
+    suffix = Path(name).suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return encode_jpeg(face, 95)
+    if suffix == ".png":
+        return encode_png(face)
+    buffer = io.BytesIO()
+    Image.fromarray(face).save(buffer, format=Image.registered_extensions().get(suffix, "PNG"))
+    return buffer.getvalue()
+
+
+def _check_probability(prob: float) -> None:
+    if not 0.0 <= prob <= 1.0:
+        raise UnitsfaceError(f"--prob must be in [0, 1], got {prob}")
+
+
+def mask_folder(src: str | os.PathLike, out: str | os.PathLike, prob: float = 1.0, seed: int = 0,
+                detector=None) -> dict:
+    """`src/<identity>/<img>` -> `out/<identity>/<img>`, each image masked with probability `prob`.
+
+    Names, identities and formats are kept; an image left unmasked (and not aligned) is copied byte
+    for byte. The tree is written to a temp folder beside `out` and renamed at the end: an error
+    leaves nothing behind. Without a detector every image must be a 112×112 aligned crop.
+    """
+    import shutil
+
+    _check_probability(prob)
+    classes, items = list_image_folder(src)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UnitsfaceError(f"{out} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    masked = 0
+    try:
+        for name in classes:
+            (tmp / name).mkdir(parents=True)
+        for i, (path, label) in enumerate(items):
+            data = path.read_bytes()
+            face, drawn = _masked_image(data, str(path), [seed, i], prob, detector)
+            masked += drawn
+            (tmp / classes[label] / path.name).write_bytes(data if face is None else _encode_like(face, path.name))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"identities": len(classes), "images": len(items), "masked": masked, "out": str(out)}
+
+
+def mask_bin(src: str | os.PathLike, out: str | os.PathLike, prob: float = 1.0, seed: int = 0, detector=None) -> dict:
+    """A `.bin` with the first image of each pair masked with probability `prob` (labels kept): masked
+    probe against unmasked reference, as in the MFR Mask set."""
+    _check_probability(prob)
+    images, issame = load_bin(src)
+    result, masked = list(images), 0
+    for slot, data in enumerate(images):
+        first = slot % 2 == 0
+        face, drawn = _masked_image(data, f"{src} image {slot}", [seed, slot // 2], prob if first else 0.0, detector)
+        masked += drawn
+        if face is not None:
+            result[slot] = encode_jpeg(face, 95) if is_jpeg(data) else encode_png(face)
+    save_bin(out, result, issame)
+    return {"bin": str(out), "pairs": len(issame), "masked": masked}

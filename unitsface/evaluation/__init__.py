@@ -4,6 +4,7 @@
   TAR@FAR, AUC, EER, deployment thresholds, LFW `pairs.txt`.
 - `ijb`: IJB-B/IJB-C meta readers, vectorised template pooling, 1:1 and 1:N.
 - `megaface`: MegaFace Challenge 1 identification / verification in bounded memory.
+- `mfr`: the MFR protocol (Mask / All sets), exact TAR at FAR over every pair in tiles.
 - `report`: papers-style Markdown tables, ROC plots, report bundles.
 
 `report` (matplotlib) is not imported here, so numeric callers stay light.
@@ -23,6 +24,7 @@ from unitsface.evaluation.ijb import (
     template_features,
 )
 from unitsface.evaluation.megaface import clean_probes, evaluate_megaface
+from unitsface.evaluation.mfr import evaluate_mfr, exact_tar_at_far
 from unitsface.evaluation.verification import (
     PAIR_FAR_TARGETS,
     LargestScores,
@@ -55,10 +57,12 @@ __all__ = [
     "clean_probes",
     "describe_ijb_mode",
     "eer",
+    "exact_tar_at_far",
     "evaluate_ijb",
     "evaluate_ijb_identification",
     "evaluate_all_pairs",
     "evaluate_megaface",
+    "evaluate_mfr",
     "evaluate_pairs",
     "far_frr_at",
     "ijb_mode",

@@ -2,7 +2,8 @@
 
 `export_onnx` / `export_torchscript` write the backbone alone (no classification head), with
 the input contract, embedding size, learned threshold, training head and source checkpoint
-sha256 as metadata. `load_onnx` is the ONNX loader shared by every unitsface tool.
+sha256 as metadata. `load_onnx` is the ONNX loader shared by every unitsface tool;
+`mfr_rules.check_mfr_rules` says which MFR submission rules any ONNX file meets.
 """
 
 from unitsface.export.common import TOLERANCE, ExportReport, FlipSum

@@ -9,6 +9,8 @@ The loader also runs third-party graphs: older converters list every weight as a
 which onnxruntime then asks the caller to feed. Inputs that are initializers, or that no node
 reads (weights replaced by quantized copies, as in the int8 SFace), are dropped from the input
 list in memory first, leaving the one image input (the SFace quirk, shared/models/README.md).
+Per-tensor weights written as opset-21 blocked `DequantizeLinear` (the int8 YuNet detector) are
+dequantised in memory, because onnxruntime refuses to run that form.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper, numpy_helper
 
 from unitsface.errors import UnitsfaceError
 from unitsface.export.common import TOLERANCE, ExportReport, check_batches, compare, load_exportable
@@ -76,6 +79,34 @@ class OnnxModel:
         return out.reshape(len(x), -1)
 
 
+def _fold_single_block_dequantize(model: onnx.ModelProto) -> None:
+    """Replace each `DequantizeLinear` that has a `block_size`, weights for inputs and ONE scale by its
+    float result, computed as onnxruntime does ((x − zero point) in integers, times the scale).
+
+    Why: such a node is per-tensor quantisation written in the blocked form of opset 21, which
+    onnxruntime 1.32 refuses at run time ("block_size must be 0 for per-tensor quantization"); the
+    int8 OpenCV zoo YuNet is full of them. Nodes with real blocks (SFace's) are left alone.
+    """
+    weights = {init.name: init for init in model.graph.initializer}
+    kept, folded = [], []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and all(name in weights for name in node.input if name):
+            block = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size"), 0)
+            scale = numpy_helper.to_array(weights[node.input[1]])
+            if block and scale.size == 1:
+                x = numpy_helper.to_array(weights[node.input[0]]).astype(np.int32)
+                has_zero = len(node.input) > 2 and node.input[2]
+                zero = int(numpy_helper.to_array(weights[node.input[2]]).ravel()[0]) if has_zero else 0
+                folded.append(numpy_helper.from_array((x - zero).astype(scale.dtype) * scale.ravel()[0],
+                                                      node.output[0]))
+                continue
+        kept.append(node)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        model.graph.initializer.extend(folded)
+
+
 def load_onnx(source: str | Path | bytes, threads: int | None = None) -> OnnxModel:
     """Open an ONNX file (or serialized bytes) for inference on the CPU."""
     name = "ONNX bytes" if isinstance(source, bytes) else str(source)
@@ -85,6 +116,7 @@ def load_onnx(source: str | Path | bytes, threads: int | None = None) -> OnnxMod
         raise UnitsfaceError(f"ONNX model not found: {source}") from None
     except Exception as exc:  # protobuf decode errors have no common base class
         raise UnitsfaceError(f"{name} is not a readable ONNX model: {type(exc).__name__}: {exc}") from None
+    _fold_single_block_dequantize(model)
     weights = {init.name for init in model.graph.initializer}
     consumed = {name for node in model.graph.node for name in node.input}
     fed = [inp for inp in model.graph.input if inp.name not in weights and inp.name in consumed]

@@ -5,9 +5,9 @@ Each micro-loss is divided by the accumulation count; the lr schedule, gradient 
 PReLU clamping and logging happen once per optimiser step. Head state (memories,
 prototypes, running statistics) follows forward calls, as in the references (D7).
 
-Resuming is exact: the data order and the flips are functions of (seed, epoch, position),
-the global RNG states are checkpointed, and a resumed run skips the micro-batches it had
-already consumed, so the loss curve continues as if never interrupted.
+Resuming is exact: the data order, the flips and the mask augmentation are functions of
+(seed, epoch, position), the global RNG states are checkpointed, and a resumed run skips the
+micro-batches it had already consumed, so the loss curve continues as if never interrupted.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class Trainer:
 
         folder, self.val_paths = resolve_data(config)
         self.dataset = RecordDataset(folder, train=True, flip=False,
-                                     max_bad_fraction=config["data"]["max_bad_fraction"])
+                                     max_bad_fraction=config["data"]["max_bad_fraction"],
+                                     mask_prob=float(config["data"]["augment"]["mask_prob"]))
         self.bad_records = BadRecords(self.dataset)  # fed by each batch; stops past data.max_bad_fraction
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
