@@ -115,7 +115,8 @@ def test_check_onnx_cli_and_export_check_mfr(tmp_path, checkpoint, capsys):
     assert main(["export", str(checkpoint), "--onnx", str(tmp_path / "e.onnx"), "--check-mfr"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("wrote ") and "MFR submission rules for" in out and "0 not met" in out
-    assert main(["export", str(checkpoint), "--onnx", str(tmp_path / "s.onnx"), "--static-batch", "1", "--check-mfr"]) == 0
+    static = ["export", str(checkpoint), "--onnx", str(tmp_path / "s.onnx"), "--static-batch", "1", "--check-mfr"]
+    assert main(static) == 0
     assert "not met  dynamic batch" in capsys.readouterr().out
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert main(["check-onnx", str(tmp_path / "junk.onnx")]) == 2
