@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from unitsface.align import ARCFACE_TEMPLATE
 from unitsface.cli import main
 from unitsface.data import synthetic as syn
 from unitsface.data.bins import load_bin, save_bin
-from unitsface.data.dataset import RecordDataset, make_loader
+from unitsface.data.dataset import EpochLoader, RecordDataset, make_loader
 from unitsface.data.images import decode, encode_jpeg, encode_png
 from unitsface.data.masks import COLOUR_P, COLOURS, KINDS, MaskParams, mask_faces, render_masks, sample_masks
 from unitsface.data.recordio import write_face_dataset
@@ -317,3 +319,27 @@ def test_contact_sheet_command(tmp_path, aligned_folder):
                        "--colours", "64"]) == 0
     sheet = Image.open(tmp_path / "s.png")
     assert sheet.size == (4 * 114, (len(KINDS) + 1) * 114) and sheet.mode == "P"
+
+
+class _WorkerPids(Dataset):
+    """16 empty samples labelled with the id of the process that produced them."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+        return torch.zeros(3, 2, 2, dtype=torch.uint8), os.getpid(), ()
+
+
+def test_one_persistent_loader_serves_every_epoch_as_fresh_loaders_would(synthetic_rec):
+    """EpochLoader keeps its workers for the whole run; nothing they draw depends on their history, so each
+    epoch (and a resumed one, and one after an epoch left half-read) is what a fresh loader gives."""
+    masked = RecordDataset(synthetic_rec, train=True, flip=False, mask_prob=0.5)
+    loader = EpochLoader(masked, 8, 2, seed=3)
+    next(iter(loader(0)))  # an epoch abandoned after one batch (max_steps, an incomplete accumulation group)
+    for epoch, start in ((0, 0), (1, 0), (1, 3), (2, 1)):
+        got = torch.cat([images for images, _, _ in loader(epoch, start)])
+        assert torch.equal(got, _epoch(masked, epoch, 0)[8 * start:]), (epoch, start)
+    pids = EpochLoader(_WorkerPids(), 8, 2, seed=0)
+    seen = [set(torch.cat([labels for _, labels, _ in pids(epoch)]).tolist()) for epoch in range(3)]
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2] and os.getpid() not in seen[0]

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": "none",
         "seed": 1,
         "workers": 2,
+        "prefetch_factor": 2,  # batches each loader worker keeps in flight (workers persist across epochs)
         "device": "auto",
         "log_every": 10,
         "val_every": 0,  # validate every N optimizer steps; 0: at the end of every epoch (and always at the end)
@@ -119,6 +120,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.amp": (str,),
     "train.seed": (int,),
     "train.workers": (int,),
+    "train.prefetch_factor": (int,),
     "train.device": (str,),
     "train.log_every": (int,),
     "train.checkpoint_every": (int,),
@@ -144,7 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("train.max_skipped_steps", "train.batch_size", "train.epochs", "train.grad_accumulation", "train.log_every",
             "model.embedding_size", "data.synthetic.identities", "data.synthetic.images_per_identity",
             "data.synthetic.heldout_identities", "data.synthetic.heldout_images",
-            "train.lr")
+            "train.lr", "train.prefetch_factor")
 
 
 def presets() -> list[str]:

@@ -54,8 +54,9 @@ class _FaceDataset(Dataset):
 
     Mask augmentation (`mask_prob`, training only) draws a rendered face mask (data.masks) on the
     aligned crop. Whether image i is masked, and with which mask, comes from a generator keyed by
-    (seed, epoch, i) — set per epoch by `for_epoch` — never from worker or call order, so a resumed
-    run and any worker count see the same images.
+    (seed, epoch, i) — the seed set once by `with_seed`, the epoch carried by each sampled item — never
+    from worker or call order, so a resumed run, any worker count and persistent workers see the same
+    images.
     """
 
     def __init__(self, labels: np.ndarray, num_classes: int, train: bool, flip: bool, max_bad_fraction: float,
@@ -66,7 +67,7 @@ class _FaceDataset(Dataset):
         self.num_classes = num_classes
         self.flip = train and flip
         self.mask_prob = mask_prob if train else 0.0
-        self.epoch_key = (0, 0)  # (seed, epoch) of the mask draws
+        self.mask_seed = 0  # the run's seed, the first word of the mask draws after MASK_STREAM
         self.source = source  # the file or folder named when the bad records are too many
         self.unreadable = tuple(int(k) for k in unreadable)  # ids the index scan could not read
         self.max_bad = int(max_bad_fraction * (len(labels) + len(self.unreadable)))
@@ -75,11 +76,11 @@ class _FaceDataset(Dataset):
         if len(self.unreadable) > self.max_bad:
             raise self.too_many_bad(self.unreadable)
 
-    def for_epoch(self, seed: int, epoch: int) -> _FaceDataset:
-        """This dataset with its mask draws keyed by (seed, epoch): a shallow copy, so the images and
-        index are shared and the caller's dataset is left as it was."""
+    def with_seed(self, seed: int) -> _FaceDataset:
+        """This dataset with its mask draws keyed by `seed`: a shallow copy, so the images and index are
+        shared and the caller's dataset is left as it was."""
         view = copy.copy(self)
-        view.epoch_key = (seed % 2**63, epoch)  # seed sequences take non-negative words
+        view.mask_seed = seed % 2**63  # seed sequences take non-negative words
         return view
 
     def __len__(self) -> int:
@@ -97,13 +98,13 @@ class _FaceDataset(Dataset):
         """(encoded image, its name for messages)."""
         raise NotImplementedError
 
-    def _image(self, index: int) -> torch.Tensor:
+    def _image(self, index: int, epoch: int) -> torch.Tensor:
         data, source = self._load(index)
         img = decode(data, source)
         if img.shape[:2] != (FACE_SIZE, FACE_SIZE):
             img = to_face_image(img, FACE_SIZE)
         if self.mask_prob:
-            rng = np.random.default_rng([MASK_STREAM, *self.epoch_key, index])
+            rng = np.random.default_rng([MASK_STREAM, self.mask_seed, epoch, index])
             if rng.random() < self.mask_prob:
                 from unitsface.data.masks import mask_faces
 
@@ -153,7 +154,7 @@ class _FaceDataset(Dataset):
             if candidate in self._known_bad:
                 continue
             try:
-                return self._image(candidate), int(self.labels[candidate]), tuple(bad)
+                return self._image(candidate, epoch), int(self.labels[candidate]), tuple(bad)
             except UnitsfaceError:
                 self._known_bad.add(candidate)
                 bad.append(self.record_id(candidate))
@@ -315,25 +316,43 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return len(self.indices())
 
 
+class EpochLoader:
+    """The training loader of a whole run: `loader(epoch, start_batch)` iterates that epoch's batches
+    (order fixed by (seed, epoch), this rank's share, full batches only).
+
+    One DataLoader serves every epoch, so with workers they persist (no fork, no re-opened record
+    files and no cold prefetch queue at each epoch start) and each keeps `prefetch` batches in
+    flight. That is exact because nothing a worker draws depends on its history: the epoch travels
+    with each sampled index and mask draws are keyed by (seed, epoch, image); the flips are drawn on
+    the device by the trainer. Worker seeding uses its own generator, never the global RNG, so that
+    a resumed run draws the same random numbers as an uninterrupted one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool = True,
+                 pin_memory: bool = False, prefetch: int = 2) -> None:
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(len(dataset), seed, 0, 0, shuffle, batch_size)
+        if isinstance(dataset, _FaceDataset):
+            dataset = dataset.with_seed(seed)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            drop_last=True,
+            collate_fn=collate_faces,
+            generator=torch.Generator(),
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers > 0 else None,
+        )
+
+    def __call__(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        self.sampler.epoch, self.sampler.start = epoch, start_batch * self.batch_size
+        return self.loader
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, start_batch: int = 0,
                 shuffle: bool = True, pin_memory: bool = False) -> DataLoader:
-    """The training DataLoader: order fixed by (seed, epoch), this rank's share, from batch `start_batch`.
-
-    Full batches only. Worker seeding uses its own generator, never the global RNG, so that a
-    resumed run draws the same random numbers as an uninterrupted one; a face dataset's mask draws
-    are keyed by (seed, epoch) here.
-    """
-    sampler = EpochSampler(len(dataset), seed, epoch, start_batch * batch_size, shuffle, batch_size)
-    if isinstance(dataset, _FaceDataset):
-        dataset = dataset.for_epoch(seed, epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        collate_fn=collate_faces,
-        generator=torch.Generator(),
-        persistent_workers=False,
-    )
+    """A loader of one epoch's batches from batch `start_batch` (`EpochLoader` for a whole run)."""
+    return EpochLoader(dataset, batch_size, workers, seed, shuffle, pin_memory)(epoch, start_batch)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from unitsface import __version__, heads, models, optim, parallel
 from unitsface.config import backbone_params
 from unitsface.data.cache import cached_synthetic_dataset
-from unitsface.data.dataset import BadRecords, RecordDataset, make_loader, normalize_batch
+from unitsface.data.dataset import BadRecords, EpochLoader, RecordDataset, normalize_batch
 from unitsface.data.synthetic import HELDOUT_FOLDER
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.embed import embed_images
@@ -124,6 +124,7 @@ class Trainer:
                                      max_bad_fraction=config["data"]["max_bad_fraction"],
                                      mask_prob=float(config["data"]["augment"]["mask_prob"]))
         self.bad_records = BadRecords(self.dataset)  # fed by each batch; stops past data.max_bad_fraction
+        self._loader: EpochLoader | None = None
         self.num_classes = self.dataset.num_classes
         mcfg, hcfg = config["model"], dict(config["head"])
         self.model = models.build(mcfg["backbone"], embedding_size=mcfg["embedding_size"],
@@ -293,8 +294,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def loader(self, epoch: int, start_micro: int) -> DataLoader:
-        return make_loader(self.dataset, self.cfg["batch_size"], self.cfg["workers"], self.cfg["seed"], epoch,
-                           start_batch=start_micro, pin_memory=self.device.type == "cuda")
+        """Epoch `epoch`'s batches from micro-batch `start_micro`, from one loader whose workers live as long as
+        the run (built at the first call, so a Trainer that only validates starts none)."""
+        if self._loader is None:
+            self._loader = EpochLoader(self.dataset, self.cfg["batch_size"], self.cfg["workers"], self.cfg["seed"],
+                                       pin_memory=self.device.type == "cuda", prefetch=self.cfg["prefetch_factor"])
+        return self._loader(epoch, start_micro)
 
     def autocast(self):
         if self.cfg["amp"] == "none":
