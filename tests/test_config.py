@@ -30,6 +30,15 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert config["train"]["momentum"] == 0.9
 
 
+def test_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
+    """YAML 1.1 would leave `1e-3` a string (and the run would fail on `train.lr must be float`)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {weight_decay: 5e-4}\n")
+    config = load_config(str(path), ["train.lr=1e-3", "train.ema=+9.99E-1", "output=runs/1e-3x"])
+    assert (config["train"]["lr"], config["train"]["weight_decay"], config["train"]["ema"]) == (0.001, 0.0005, 0.999)
+    assert config["output"] == "runs/1e-3x"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

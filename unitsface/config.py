@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -162,6 +163,18 @@ def preset_summary(name: str) -> str:
     return first[1:].strip() if first.startswith("#") else ""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); here such numbers are floats, as in YAML 1.2."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(source: str) -> dict[str, Any]:
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -174,7 +187,7 @@ def _read_yaml(source: str) -> dict[str, Any]:
             raise UnitsfaceError(f"no config file or preset named {source!r}; presets: {', '.join(presets())}")
         text = preset.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = _load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise UnitsfaceError(f"config {source}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -205,7 +218,7 @@ def set_dotted(config: dict[str, Any], assignment: str) -> None:
         raise UnitsfaceError(f"override {assignment!r} must look like key=value")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     update: Any = value
