@@ -35,6 +35,7 @@ ISSUE_RECIPES = {  # issue 12 item 3: (head, data folder, backbone) of each reci
     "glint360k_r100_cosface": ("cosface", "glint360k", "iresnet100"),
     "wf42m_r100_cosface_pfc03": ("cosface", "WebFace42M", "iresnet100"),
     "wf42m_vit_t_cosface": ("cosface", "WebFace42M", "vit_t"),
+    "casia_r50_unitsface_mask": ("unitsface", "faces_webface_112x112", "lresnet50e_ir"),  # issue 11: MFR training
 }
 
 
