@@ -36,7 +36,7 @@ class FaceDetector:
     """A YuNet ONNX graph with its decoder; `detect(image)` gives the most confident face or None."""
 
     def __init__(self, path: str | Path, min_score: float = MIN_SCORE) -> None:
-        from unitsface.export.onnx import load_onnx
+        from unitsface.export.onnx import load_onnx  # lazy: unitsface.export loads torch
 
         self.model = load_onnx(path)
         names = {output.name for output in self.model.session.get_outputs()}

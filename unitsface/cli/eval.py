@@ -255,12 +255,12 @@ def _megaface_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, 
 
 
 def format_megaface(r: dict) -> str:
-    from unitsface.evaluation.report import _pct, markdown_table
+    from unitsface.evaluation.report import markdown_table, pct
 
     head = (["probes", "identities", "distractors"] + [f"rank-{k} (%)" for k in r["identification"]]
             + [f"TAR@FAR={f:g} (%)" for f in r["tar_at_far"]] + ["variant"])
     row = ([str(r["n_probes"]), str(r["n_identities"]), str(r["n_distractors"])]
-           + [_pct(v) for v in r["identification"].values()] + [_pct(v) for v in r["tar_at_far"].values()]
+           + [pct(v) for v in r["identification"].values()] + [pct(v) for v in r["tar_at_far"].values()]
            + [r["variant"]])
     return markdown_table(head, [row]) + "\n\nMegaFace Challenge 1 style: rank-k over ordered same-identity " \
                                          "probe pairs against all distractors; TAR with probe-distractor impostors."

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from unitsface import parallel
 from unitsface.data.images import FACE_SIZE, decode, list_image_folder, to_face_image
+from unitsface.data.masks import mask_faces
 from unitsface.data.recordio import IndexedRecordIO, image_label, resolve_record_paths, scan_dataset, unpack
 from unitsface.errors import UnitsfaceError
 
@@ -106,8 +107,6 @@ class _FaceDataset(Dataset):
         if self.mask_prob:
             rng = np.random.default_rng([MASK_STREAM, self.mask_seed, epoch, index])
             if rng.random() < self.mask_prob:
-                from unitsface.data.masks import mask_faces
-
                 img = mask_faces(img, rng)  # aligned crops: the template's landmarks
         chw = img.transpose(2, 0, 1)
         if self.flip and random.random() < 0.5:  # 100x cheaper than torch.rand; seeded per worker too

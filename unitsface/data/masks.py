@@ -24,9 +24,13 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image
 
 from unitsface.align import ARCFACE_TEMPLATE
+from unitsface.data.images import list_images, load_image
+from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
 from unitsface.errors import UnitsfaceError
+from unitsface.io import atomic_open
 
 KINDS = ("surgical", "cloth", "n95", "kn95")
 # insightface's MFR augmentation: white, blue, black, green with p = 0.4, 0.4, 0.1, 0.1 (RGB in [0, 1]).
@@ -285,10 +289,6 @@ def contact_sheet(faces: np.ndarray, seed: int = 0, landmarks: np.ndarray | None
 def main(argv: list[str] | None = None) -> int:
     """`python -m unitsface.data.masks --sheet FILE.png`: masks of every kind on held-out synthetic
     faces, or on the aligned 112×112 faces of --images (a folder, searched recursively)."""
-    from PIL import Image
-
-    from unitsface.io import atomic_open
-
     parser = argparse.ArgumentParser(prog="python -m unitsface.data.masks", description=main.__doc__.splitlines()[0])
     parser.add_argument("--sheet", required=True, metavar="FILE.png", help="write the contact sheet here")
     parser.add_argument("--images", default=None, help="a folder of aligned 112×112 faces (default: synthetic)")
@@ -299,16 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.images:
-            from unitsface.data.images import list_images, load_image
-
             paths = list_images(args.images)
             step = max(1, len(paths) // args.columns)
             faces = np.stack([load_image(p) for p in paths[::step][: args.columns]])
             if faces.shape[1:3] != (112, 112):
                 raise UnitsfaceError(f"--images must be aligned 112×112 faces, got {faces.shape[1]}×{faces.shape[2]}")
         else:
-            from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
-
             faces, _ = render_identities(args.seed, HELDOUT_SPLIT, args.columns, 1)
         image = Image.fromarray(contact_sheet(faces, args.seed))
         if args.colours:

@@ -7,8 +7,10 @@ GIL would serialise it in threads.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -29,6 +31,7 @@ from unitsface.data.images import (
     list_image_folder,
     to_face_image,
 )
+from unitsface.data.masks import mask_faces
 from unitsface.data.recordio import (
     IndexedRecordIO,
     atomic_write,
@@ -37,6 +40,7 @@ from unitsface.data.recordio import (
     unpack,
     write_face_dataset,
 )
+from unitsface.detect import face_crop
 from unitsface.errors import UnitsfaceError
 
 T = TypeVar("T")
@@ -332,8 +336,6 @@ def _masked_image(data: bytes, source: str, key: list[int], prob: float, detecto
     The draw comes from a generator keyed by (seed, image position): which images are masked, and
     how, does not depend on the order they are processed in.
     """
-    from unitsface.data.masks import mask_faces
-    from unitsface.detect import face_crop
 
     rng = np.random.default_rng(key)
     masked = bool(rng.random() < prob)
@@ -345,7 +347,6 @@ def _masked_image(data: bytes, source: str, key: list[int], prob: float, detecto
 
 def _encode_like(face: np.ndarray, name: str) -> bytes:
     """`face` encoded in the format the file name says: JPEG (quality 95), PNG, else Pillow's choice."""
-    import io
 
     suffix = Path(name).suffix.lower()
     if suffix in (".jpg", ".jpeg"):
@@ -370,7 +371,6 @@ def mask_folder(src: str | os.PathLike, out: str | os.PathLike, prob: float = 1.
     for byte. The tree is written to a temp folder beside `out` and renamed at the end: an error
     leaves nothing behind. Without a detector every image must be a 112×112 aligned crop.
     """
-    import shutil
 
     _check_probability(prob)
     classes, items = list_image_folder(src)

@@ -10,6 +10,7 @@ counts per identity, the groups file) is checked before the first image is embed
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unitsface.align import template
+from unitsface.data.images import decode, list_image_folder, load_image
+from unitsface.data.masks import MaskParams, render_masks, sample_masks
+from unitsface.data.recordio import IndexedRecordIO, resolve_record_paths, scan_dataset, unpack
+from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
+from unitsface.detect import FaceDetector, face_crop
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.mfr import ALL_FARS, MASK_FAR, check_sets, evaluate_mfr
-from unitsface.evaluation.report import _pct, jsonable, markdown_table, plot_roc
+from unitsface.evaluation.report import jsonable, markdown_table, pct, plot_roc
 from unitsface.io import atomic_write
 
 if TYPE_CHECKING:
-    from unitsface.detect import FaceDetector
     from unitsface.embedder import Embedder
 
 FACE_CHUNK = 1024  # faces decoded, aligned and embedded at once
@@ -45,7 +50,6 @@ class FaceSet:
 
 def folder_set(root: str | Path) -> FaceSet:
     """`root/<identity>/<img>` (identities with no image are simply absent)."""
-    from unitsface.data.images import list_image_folder, load_image
 
     classes, items = list_image_folder(root)
     return FaceSet(Path(root).name, [(classes[label], str(path), lambda p=path: load_image(p))
@@ -54,8 +58,6 @@ def folder_set(root: str | Path) -> FaceSet:
 
 def record_set(folder: str | Path) -> FaceSet:
     """A train.rec/train.idx set; identities are the integer labels, written as text."""
-    from unitsface.data.images import decode
-    from unitsface.data.recordio import IndexedRecordIO, resolve_record_paths, scan_dataset, unpack
 
     idx, rec = resolve_record_paths(folder)
     index = scan_dataset(folder)
@@ -71,7 +73,6 @@ def record_set(folder: str | Path) -> FaceSet:
 
 def synthetic_set(identities: int, images: int, seed: int) -> FaceSet:
     """Held-out synthetic identities (render split 2, disjoint from training and val.bin), in memory."""
-    from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
 
     if identities < 2 or images < 2:
         raise UnitsfaceError(f"--synthetic needs 2+ identities of 2+ images, got {identities} × {images}")
@@ -111,8 +112,6 @@ def embed_set(faces: FaceSet, embedder: Embedder, detector: FaceDetector | None,
               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """(unmasked embeddings of every face, probe rows, embeddings of the masked probes, and with a
     detector how many faces it aligned and found no face in)."""
-    from unitsface.data.masks import MaskParams, render_masks, sample_masks
-    from unitsface.detect import face_crop
 
     if embedder.size != MFR_SIZE:
         raise UnitsfaceError(f"the MFR protocol feeds {MFR_SIZE}×{MFR_SIZE} faces; {embedder.name} takes "
@@ -173,7 +172,7 @@ def format_mfr(result: dict[str, Any]) -> str:
             value = r["tar_at_far"].get(f)
             below = value is not None and f * r["n_impostor"] < 1
             coarse |= below
-            cells.append(_pct(value) + ("*" if below else ""))
+            cells.append(pct(value) + ("*" if below else ""))
         rows.append([name, str(r["n_genuine"]), str(r["n_impostor"])] + cells)
     faces = result.get("faces") or {}
     notes = [f"{result['set']}: {result['n_images']} images of {result['n_identities']} identities"
@@ -190,7 +189,6 @@ def format_mfr(result: dict[str, Any]) -> str:
 
 def write_mfr_report(out: str | Path, result: dict[str, Any], extra: dict[str, Any]) -> Path:
     """report.md, roc.png and metrics.json of one `eval mfr` run (the ROCs need roc=True results)."""
-    import json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

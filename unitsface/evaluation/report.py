@@ -21,14 +21,14 @@ Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
 _PLOT_POINTS = 2000
 
 
-def _pct(x: Optional[float], digits: int = 2) -> str:
+def pct(x: Optional[float], digits: int = 2) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{100 * x:.{digits}f}"
 
 
 def format_table(results: Mapping[str, dict], label: str = "accuracy (%)") -> str:
     """One row, one column per set (LFW, CFP-FP, AgeDB-30, ...): mean ± population std in percent."""
     names = list(results)
-    cells = [f"{_pct(r['accuracy'])} ± {_pct(r['accuracy_std'])}" for r in results.values()]
+    cells = [f"{pct(r['accuracy'])} ± {pct(r['accuracy_std'])}" for r in results.values()]
     return "\n".join([f"| | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|",
                       f"| {label} | {' | '.join(cells)} |"])
 
@@ -41,10 +41,10 @@ def format_details(results: Mapping[str, dict]) -> str:
             + ["AUC (%)", "EER (%)", "best-threshold acc. (%, optimistic)", "best threshold (cos)"])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in results.items():
-        row = [name, str(r["n_pairs"]), f"{_pct(r['accuracy'])} ± {_pct(r['accuracy_std'])}",
-               _pct(r["accuracy_stderr"])]
-        row += [_pct(r["tar_at_far"].get(t)) for t in targets]
-        row += [_pct(r["auc"], 3), _pct(r["eer"]), _pct(r["best_threshold_accuracy"]), f"{r['best_threshold']:.4f}"]
+        row = [name, str(r["n_pairs"]), f"{pct(r['accuracy'])} ± {pct(r['accuracy_std'])}",
+               pct(r["accuracy_stderr"])]
+        row += [pct(r["tar_at_far"].get(t)) for t in targets]
+        row += [pct(r["auc"], 3), pct(r["eer"]), pct(r["best_threshold_accuracy"]), f"{r['best_threshold']:.4f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -55,8 +55,8 @@ def format_all_pairs(results: dict[str, dict], flip: bool = True) -> str:
     head = (["set", "images", "identities", "pairs (genuine)", "AUC (%)", "EER (%)"]
             + [f"TAR@FAR={t:g} (%)" for t in targets] + ["rank-1 (%)"])
     rows = [[name, str(r["n_images"]), str(r["n_identities"]), f"{r['n_pairs']} ({r['n_genuine']})",
-             _pct(r["auc"], 3), _pct(r["eer"])] + [_pct(r["tar_at_far"].get(t)) for t in targets]
-            + [_pct(r["rank1"])] for name, r in results.items()]
+             pct(r["auc"], 3), pct(r["eer"])] + [pct(r["tar_at_far"].get(t)) for t in targets]
+            + [pct(r["rank1"])] for name, r in results.items()]
     kind = "flip-sum" if flip else "single-pass"
     return markdown_table(head, rows) + (f"\n\nAll pairs i < j, cosine of {kind} embeddings, accept s >= t; TAR at "
                                          "the lowest threshold with FAR <= target; rank-1 leaves each image out.")
@@ -82,9 +82,9 @@ def format_overview(results: Mapping[str, dict]) -> str:
         [f"TAR@FAR={t:g} (%)" for t in targets] + ["AUC (%)", "EER (%)"]
     rows = []
     for name, r in results.items():
-        accuracy = f"{_pct(r['accuracy'])} ± {_pct(r['accuracy_std'])}" if is_pair_result(r) else "–"
+        accuracy = f"{pct(r['accuracy'])} ± {pct(r['accuracy_std'])}" if is_pair_result(r) else "–"
         rows.append([name, "10-fold pairs" if is_pair_result(r) else "all pairs", f"{r['n_pairs']} ({r['n_impostor']})",
-                     accuracy] + [_pct(r["tar_at_far"].get(t)) for t in targets] + [_pct(r["auc"], 3), _pct(r["eer"])])
+                     accuracy] + [pct(r["tar_at_far"].get(t)) for t in targets] + [pct(r["auc"], 3), pct(r["eer"])])
     return markdown_table(head, rows) + ("\n\nTAR@FAR: exact over all pairs, at the lowest threshold with FAR <= "
                                          "target; – where the set has too few impostor pairs for the target.")
 
@@ -99,7 +99,7 @@ def format_operating_points(points: Mapping[str, dict]) -> str:
     for name, point in points.items():
         conventions = {point["convention"]: point, **point.get("other_conventions", {})}
         for convention, rates in conventions.items():
-            rows.append([name, convention, f"{rates['threshold']:.4f}", _pct(rates["tar"]), format_rate(rates["far"]),
+            rows.append([name, convention, f"{rates['threshold']:.4f}", pct(rates["tar"]), format_rate(rates["far"]),
                          f"{rates['n_genuine']} / {rates['n_impostor']}"]
                         + [v if isinstance(v, str) else f"{v:.4f}" for v in point["threshold_at_far"].values()]
                         + [f"{point['balanced_threshold']:.4f}"])
@@ -115,7 +115,7 @@ def format_ijb_table(results: Mapping[str, dict], reading: str = "tar_at_far") -
     targets = sorted({t for r in results.values() for t in r[reading]})
     lines = ["| run | " + " | ".join(f"{t:g}" for t in targets) + " | AUC | mode |", "|---" * (len(targets) + 3) + "|"]
     for name, r in results.items():
-        cells = [_pct(r[reading].get(t)) for t in targets] + [_pct(r["auc"]), r["mode"]]
+        cells = [pct(r[reading].get(t)) for t in targets] + [pct(r["auc"]), r["mode"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nTAR (%) at FAR, reading: {reading}."
 

@@ -86,7 +86,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[Any]:
 
 def check_mfr_rules(path: str | os.PathLike) -> list[RuleCheck]:
     """Every MFR model rule for the ONNX file at `path`; an unreadable file is a UnitsfaceError."""
-    from unitsface.export.onnx import load_onnx, read_metadata
+    from unitsface.export.onnx import load_onnx, read_metadata  # lazy: unitsface.export loads torch
 
     path = Path(path)
     if not path.is_file():
