@@ -389,24 +389,31 @@ def memory_checks(results: list[dict[str, Any]]) -> bool:
     return ok
 
 
-def baseline_times(args: argparse.Namespace, path: str, names: list[str]) -> dict[str, float]:
-    """ms/step of `names` from another checkout's own head_scaling.py, run now with this run's timing settings."""
+def baseline_times(args: argparse.Namespace, path: str, names: list[str]) -> dict[tuple[str, int], float]:
+    """ms/step of `names` from another checkout's own head_scaling.py, run now with this run's timing settings,
+    one head at a time: a head that checkout lacks, or cannot run, is named on stderr and left out."""
     script = Path(path) / "bench" / "head_scaling.py"
     if not script.is_file():
         raise SystemExit(f"error: --baseline {path} has no bench/head_scaling.py")
+    env = {**os.environ, "PYTHONPATH": str(path)}
     known = subprocess.run([sys.executable, "-c", "import unitsface.heads as h; print(' '.join(h.names()))"],
-                           cwd=path, env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True, text=True)
-    names = [n for n in names if n in known.stdout.split()]
-    command = [sys.executable, str(script), "--heads", *names, "--classes", *map(str, args.classes), "--ranks", "1",
-               "--updates", "dense", "--batch", str(args.batch), "--dim", str(args.dim), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--allocator", args.allocator]
-    out = subprocess.run(command, cwd=path, env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True,
-                         text=True, check=True).stdout
+                           cwd=path, env=env, capture_output=True, text=True).stdout.split()
     times = {}
-    for line in out.splitlines():
-        if line.startswith("head_scaling "):
-            record = json.loads(line[line.index("{"):])
-            times[(record["head"], record["classes"])] = record["ms_per_step"]
+    for name in names:
+        if name not in known:
+            print(f"baseline {path}: no head {name!r}", file=sys.stderr)
+            continue
+        command = [sys.executable, str(script), "--heads", name, "--classes", *map(str, args.classes), "--ranks", "1",
+                   "--updates", "dense", "--batch", str(args.batch), "--dim", str(args.dim), "--steps",
+                   str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--allocator",
+                   args.allocator]
+        done = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True)
+        if done.returncode:
+            print(f"baseline {path}: {name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        for line in done.stdout.splitlines():
+            if line.startswith("head_scaling "):
+                record = json.loads(line[line.index("{"):])
+                times[(record["head"], record["classes"])] = record["ms_per_step"]
     return times
 
 
@@ -452,6 +459,7 @@ def main() -> int:
                     emit(f"head_scaling {name}@{rate} C={classes} ranks={ranks} update={update}: "
                          f"{r['ms_per_step']:.1f} ms/step, peak {r['peak_mb_per_rank']:.0f} MB/rank", r)
     ratios(results)
+    checks_ok = memory_checks(results) if args.strict_memory else True
     if args.baseline:
         baseline = baseline_times(args, args.baseline, [parse_head(h)[0] for h in args.heads if "@" not in h])
         for r in results:
@@ -460,7 +468,6 @@ def main() -> int:
                 emit(f"ratio time this/baseline {r['head']} C={r['classes']}: {r['ms_per_step'] / before:.2f}",
                      {"ratio": "time_this/baseline", "head": r["head"], "classes": r["classes"],
                       "baseline_ms": before, "this_ms": r["ms_per_step"], "value": round(r["ms_per_step"] / before, 3)})
-    checks_ok = memory_checks(results) if args.strict_memory else True
     if set(PAIR) <= set(args.heads) and "dense" in args.updates:
         for classes in args.classes:
             for ranks in args.ranks:
