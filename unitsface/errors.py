@@ -6,6 +6,8 @@ non-zero exit, never a traceback.
 """
 
 import reprlib
+import sys
+from collections.abc import Callable
 
 
 class UnitsfaceError(Exception):
@@ -27,3 +29,15 @@ def brief(value: object) -> str:
     """A repr bounded in length and depth, for a value read from untrusted data in an error message: a damaged
     file can hold a megabyte-long line or lists nested 50,000 deep (whose plain repr raises RecursionError)."""
     return _BRIEF.repr(value)
+
+
+def run_script(write: Callable[[], str]) -> int:
+    """The exit status of a `python -m unitsface...` helper script: `write()` does the work and returns the path
+    it wrote ("wrote PATH", 0), and bad input is one line on stderr (2)."""
+    try:
+        path = write()
+    except (UnitsfaceError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

@@ -19,7 +19,6 @@ outside a mask are returned bit for bit.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -29,7 +28,7 @@ from PIL import Image
 from unitsface.align import ARCFACE_TEMPLATE
 from unitsface.data.images import list_images, load_image
 from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, run_script
 from unitsface.io import atomic_open
 
 KINDS = ("surgical", "cloth", "n95", "kn95")
@@ -297,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--colours", type=int, default=0,
                         help="quantise the PNG to this many colours (0 = full colour) to keep it small")
     args = parser.parse_args(argv)
-    try:
+
+    def write() -> str:
         if args.images:
             paths = list_images(args.images)
             step = max(1, len(paths) // args.columns)
@@ -311,12 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             image = image.quantize(args.colours, dither=Image.Dither.NONE)
         with atomic_open(args.sheet) as handle:
             image.save(handle, format="PNG", optimize=True)
-    except (UnitsfaceError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.sheet}")
-    return 0
+        return args.sheet
 
+    return run_script(write)
 
 if __name__ == "__main__":
     raise SystemExit(main())

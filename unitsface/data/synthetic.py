@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from PIL import Image
 from unitsface.data.bins import save_bin
 from unitsface.data.images import decode, encode_jpeg
 from unitsface.data.recordio import write_face_dataset
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, run_script
+from unitsface.io import atomic_open
 
 GENERATOR_VERSION = 2  # 2: a held-out identity set (`heldout/`) beside val.bin; train/val bytes unchanged
 DEFAULT_DIFFICULTY = 1.0
@@ -952,15 +952,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY)
     args = parser.parse_args(argv)
-    try:
-        sheet = contact_sheet(args.seed, args.identities, args.images, args.size, args.difficulty)
-        Image.fromarray(sheet).save(args.preview)
-    except (UnitsfaceError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.preview}")
-    return 0
 
+    def write() -> str:
+        sheet = contact_sheet(args.seed, args.identities, args.images, args.size, args.difficulty)
+        with atomic_open(args.preview) as handle:
+            Image.fromarray(sheet).save(handle, format="PNG")
+        return args.preview
+
+    return run_script(write)
 
 if __name__ == "__main__":
     raise SystemExit(main())
