@@ -131,28 +131,22 @@ class USSHead(SampleToSampleHead):
     """USS alone after the warm-up: one scalar b, s=64, m_sample=0.1 (§2.2); t = b/s."""
 
     renamed = {"m": "m_sample"}
+    per_class_bias = False
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m_class: float = 0.4,
                  m_sample: float = 0.1, bias_init: float | None = None, clamp: bool | str = False,
                  s2s_start_epoch: int = 1, min_fill: float = 0.99, weight_init: str = "normal",
                  sample_rate: float = 1.0, memory_dtype: str = "float32") -> None:
-        super().__init__(num_classes, embedding_size, "bce", False, s, m_class, m_sample, bias_init, clamp,
-                         s2s_start_epoch, min_fill, (0.0, 1.0), weight_init, sample_rate, memory_dtype)
+        super().__init__(num_classes, embedding_size, "bce", self.per_class_bias, s, m_class, m_sample, bias_init,
+                         clamp, s2s_start_epoch, min_fill, (0.0, 1.0), weight_init, sample_rate, memory_dtype)
 
 
 @register("ss_bce")
-class SampleBCEHead(SampleToSampleHead):
+class SampleBCEHead(USSHead):
     """Sample-to-sample BCE with one bias per class, sharded (and sampled) with the memory (§2.4);
-    t_j = b_j/s. The same loss as USS otherwise."""
+    t_j = b_j/s. The same loss, parameters and defaults as USS otherwise."""
 
-    renamed = {"m": "m_sample"}
-
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m_class: float = 0.4,
-                 m_sample: float = 0.1, bias_init: float | None = None, clamp: bool | str = False,
-                 s2s_start_epoch: int = 1, min_fill: float = 0.99, weight_init: str = "normal",
-                 sample_rate: float = 1.0, memory_dtype: str = "float32") -> None:
-        super().__init__(num_classes, embedding_size, "bce", True, s, m_class, m_sample, bias_init, clamp,
-                         s2s_start_epoch, min_fill, (0.0, 1.0), weight_init, sample_rate, memory_dtype)
+    per_class_bias = True
 
 
 @register("unitsface")
