@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 
 MFR_INPUT = (3, 112, 112)
 MAX_BYTES = 1 << 30  # "1 GB"
@@ -97,7 +97,7 @@ def check_mfr_rules(path: str | os.PathLike) -> list[RuleCheck]:
         fmt = RuleCheck("ONNX format", MET, f"opset {max((o.version for o in model.opset_import), default='?')}, "
                                            "onnx.checker passes")
     except Exception as exc:  # protobuf and checker errors have no common base class
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = one_line(exc)
         raise UnitsfaceError(f"{path} is not a valid ONNX model: {first}") from None
     meta = read_metadata(model)
     constants = _constants(model)

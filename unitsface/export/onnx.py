@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 from unitsface.export.common import TOLERANCE, ExportReport, check_batches, compare, load_exportable
 from unitsface.io import atomic_write
 
@@ -176,7 +176,7 @@ def export_onnx(
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None,
             )
         except Exception as exc:  # the exporter raises many types; the first line says what failed
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = one_line(exc)
             raise UnitsfaceError(f"ONNX export of {checkpoint} at opset {opset} failed: {first}") from None
     model = _with_metadata(onnx.load_from_string(buffer.getvalue()), exportable.metadata)
     model.doc_string = f"unitsface {exportable.metadata['backbone']} embeddings; see metadata_props"

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 from unitsface.models._base import FAMILIES
 from unitsface.training.checkpoint import FORMAT, VERSION
 
@@ -122,7 +122,7 @@ def read_weights(path: str | Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_INERT_PICKLE)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, TypeError,
             KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = one_line(exc)
         raise UnitsfaceError(f"unreadable weights file {path}: {first}") from None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 from unitsface.io import atomic_open, remove_stale_temp_files
 
 FORMAT = "unitsface-checkpoint"
@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = one_line(exc)
         raise UnitsfaceError(f"corrupt or unreadable checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UnitsfaceError(f"{path} is not a unitsface checkpoint")

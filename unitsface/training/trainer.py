@@ -31,7 +31,7 @@ from unitsface.config import backbone_params
 from unitsface.data.cache import cached_synthetic_dataset
 from unitsface.data.dataset import BadRecords, EpochLoader, RecordDataset, normalize_batch
 from unitsface.data.synthetic import HELDOUT_FOLDER
-from unitsface.errors import UnitsfaceError
+from unitsface.errors import UnitsfaceError, one_line
 from unitsface.evaluation.embed import embed_images
 from unitsface.evaluation.report import plot_threshold, write_report
 from unitsface.evaluation.sets import load_validation_sets
@@ -333,7 +333,7 @@ class Trainer:
         try:
             return self.net(x)
         except Exception as exc:  # dynamo / inductor raise their own many exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = one_line(exc)
             print(f"train.compile: torch.compile cannot compile the backbone here ({first[:200]}); "
                   "training without it", file=sys.stderr, flush=True)
             self.net = self.eager_net
