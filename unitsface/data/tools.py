@@ -336,7 +336,6 @@ def _masked_image(data: bytes, source: str, key: list[int], prob: float, detecto
     The draw comes from a generator keyed by (seed, image position): which images are masked, and
     how, does not depend on the order they are processed in.
     """
-
     rng = np.random.default_rng(key)
     masked = bool(rng.random() < prob)
     face, landmarks = face_crop(decode(data, source), source, detector)  # without a detector: a 112×112 crop?

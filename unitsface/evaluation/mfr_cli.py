@@ -50,7 +50,6 @@ class FaceSet:
 
 def folder_set(root: str | Path) -> FaceSet:
     """`root/<identity>/<img>` (identities with no image are simply absent)."""
-
     classes, items = list_image_folder(root)
     return FaceSet(Path(root).name, [(classes[label], str(path), lambda p=path: load_image(p))
                                      for path, label in items])
@@ -58,7 +57,6 @@ def folder_set(root: str | Path) -> FaceSet:
 
 def record_set(folder: str | Path) -> FaceSet:
     """A train.rec/train.idx set; identities are the integer labels, written as text."""
-
     idx, rec = resolve_record_paths(folder)
     index = scan_dataset(folder)
     reader = IndexedRecordIO(idx, rec)
@@ -73,7 +71,6 @@ def record_set(folder: str | Path) -> FaceSet:
 
 def synthetic_set(identities: int, images: int, seed: int) -> FaceSet:
     """Held-out synthetic identities (render split 2, disjoint from training and val.bin), in memory."""
-
     if identities < 2 or images < 2:
         raise UnitsfaceError(f"--synthetic needs 2+ identities of 2+ images, got {identities} × {images}")
     faces, labels = render_identities(seed, HELDOUT_SPLIT, identities, images)
@@ -112,7 +109,6 @@ def embed_set(faces: FaceSet, embedder: Embedder, detector: FaceDetector | None,
               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """(unmasked embeddings of every face, probe rows, embeddings of the masked probes, and with a
     detector how many faces it aligned and found no face in)."""
-
     if embedder.size != MFR_SIZE:
         raise UnitsfaceError(f"the MFR protocol feeds {MFR_SIZE}×{MFR_SIZE} faces; {embedder.name} takes "
                              f"{embedder.size}×{embedder.size}")
