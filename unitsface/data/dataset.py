@@ -323,7 +323,8 @@ class EpochLoader:
     files and no cold prefetch queue at each epoch start) and each keeps `prefetch` batches in
     flight. That is exact because nothing a worker draws depends on its history: the epoch travels
     with each sampled index and mask draws are keyed by (seed, epoch, image); the flips are drawn on
-    the device by the trainer. Worker seeding uses its own generator, never the global RNG, so that
+    the device by the trainer, whose dataset has `flip=False` (a dataset's own flip draws from its
+    worker's RNG, whose state a persistent worker carries from epoch to epoch). Worker seeding uses its own generator, never the global RNG, so that
     a resumed run draws the same random numbers as an uninterrupted one.
     """
 
