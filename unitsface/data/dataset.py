@@ -324,8 +324,9 @@ class EpochLoader:
     flight. That is exact because nothing a worker draws depends on its history: the epoch travels
     with each sampled index and mask draws are keyed by (seed, epoch, image); the flips are drawn on
     the device by the trainer, whose dataset has `flip=False` (a dataset's own flip draws from its
-    worker's RNG, whose state a persistent worker carries from epoch to epoch). Worker seeding uses its own generator, never the global RNG, so that
-    a resumed run draws the same random numbers as an uninterrupted one.
+    worker's RNG, whose state a persistent worker carries from epoch to epoch). Worker seeding uses its
+    own generator, never the global RNG, so that a resumed run draws the same random numbers as an
+    uninterrupted one.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool = True,
