@@ -82,6 +82,42 @@ def test_engine_equals_the_dense_definition(chunks_of_1024, kind, transform, bia
         assert relative_error(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["softmax", "bce"])
+def test_mixed_rows_equal_their_dense_mixture(chunks_of_1024, kind):
+    """VPL's columns M_j = (1 − λ_j)·Ŵ_j + λ_j·q_j formed per chunk equal the dense mixture, loss and gradients of
+    x and W, with a zero and a below-floor proxy, an unwritten (zero) feature and a row mixed fully into one
+    (λ = 1, q = 0: a zero column); the features may be overwritten after the loss, before backward()."""
+    g = torch.Generator().manual_seed(11)
+    x0, rows0 = torch.randn(6, 16, generator=g), torch.randn(2300, 16, generator=g)
+    rows0[5], rows0[6] = 0.0, 1e-6  # row 6: norm 4e-6, below the 1e-5 floor
+    features = LF.normalize(torch.randn(2300, 16, generator=g))
+    features[8:12] = 0.0
+    lam = torch.where(torch.rand(2300, generator=g) > 0.5, 0.15, 0.0)
+    lam[[5, 6, 8, 11]] = torch.tensor([0.15, 0.15, 0.15, 1.0])
+    labels = torch.tensor([5, 8, 1030, 2299, -1, 11])
+    spec = LC.ColumnSpec(kind, 30.0)
+
+    def run(dense: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        x, rows = x0.clone().requires_grad_(), rows0.clone().requires_grad_()
+        q = features.clone()
+        unit = LF.normalize(x)
+        if dense:
+            cos = LF.cosine(unit, (1.0 - lam.unsqueeze(1)) * LF.normalize(rows) + lam.unsqueeze(1) * q)
+            loss = LF.dense_column_loss(cos, labels, LF.target_of(cos, labels) - 0.1, spec)
+        else:
+            mixture = LC.RowMixture(q, lam)
+            c_y = LC.target_cosine(unit, rows, labels, mixture=mixture)
+            loss = LC.column_loss(unit, rows, labels, c_y - 0.1, spec, mixture=mixture)
+            q.normal_()  # the head's queue write after the loss
+        return loss, torch.autograd.grad(loss, (x, rows))
+
+    expected, expected_grads = run(dense=True)
+    got, grads = run(dense=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, expected_grads):  # elementwise: the below-floor row's ×1/eps gradient dwarfs the others
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_rows_without_a_gradient_are_read_in_the_forward_only(chunks_of_1024):
     """A memory head writes its rows after the loss and before backward(): the gradient must not change."""
     g = torch.Generator().manual_seed(6)

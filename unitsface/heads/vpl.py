@@ -56,11 +56,14 @@ class VPLHead(Head):
         if self.training:
             self.queue.iteration += 1
         sample = self.columns_for(labels)  # one Partial FC draw for the proxies and the queue alike
-        lam = self.queue.mixing(sample, self.vpl_lambda, self.vpl_start_step, self.staleness).unsqueeze(1)
-        # The mixed rows are a shard-sized copy: the engine normalises them, the queue write below cannot reach them.
-        mixed = (1.0 - lam) * LF.normalize(self.proxies.rows(sample)) + lam * self.queue.rows(sample)
-        unit, c_y = self.target_cosines(x, mixed, sample)
-        loss = LC.column_loss(unit, mixed, sample.labels, self.target(c_y), self.spec)
+        lam = self.queue.mixing(sample, self.vpl_lambda, self.vpl_start_step, self.staleness)
+        # The engine mixes a chunk of rows at a time and is done with the queue when it returns: the write below
+        # cannot reach this step's loss.
+        mixture = LC.RowMixture(self.queue.rows(sample), lam)
+        proxies = self.proxies.rows(sample)
+        unit = LF.normalize(x)
+        c_y = LC.target_cosine(unit, proxies, sample.labels, mixture=mixture)
+        loss = LC.column_loss(unit, proxies, sample.labels, self.target(c_y), self.spec, mixture=mixture)
         if self.training:
             self.queue.write(x.detach(), labels)
         return loss

@@ -80,15 +80,12 @@ class ColumnSpec:
 
 class _Chunk:
     """Columns [start, end) of the rows, with a B×w mask of the step's target entries among them (a mask, not
-    indices: finding indices would cost a device-to-host round trip per chunk)."""
+    indices: finding indices would cost a device-to-host round trip per chunk), and their fp32 rows when the
+    pass reads rows."""
 
-    def __init__(self, start: int, end: int, labels: torch.Tensor) -> None:
-        self.start, self.end = start, end
+    def __init__(self, start: int, end: int, labels: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        self.start, self.end, self.rows = start, end, rows
         self.targets = labels.unsqueeze(1) == torch.arange(start, end, device=labels.device)
-
-    def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """These rows in fp32: a view of fp32 rows, a chunk-sized copy of bf16/fp16 ones."""
-        return rows[self.start : self.end].float()
 
 
 def chunk_bounds(num_columns: int, dim: int, batch: int, device: torch.device) -> Iterator[tuple[int, int]]:
@@ -103,15 +100,33 @@ def chunk_bounds(num_columns: int, dim: int, batch: int, device: torch.device) -
         yield start, min(start + width, num_columns)
 
 
-def column_chunks(labels: torch.Tensor, num_columns: int, dim: int) -> Iterator[_Chunk]:
-    """The `chunk_bounds` of a class shard, each with its target mask."""
+def column_chunks(labels: torch.Tensor, num_columns: int, dim: int,
+                  block: Callable[[int, int], torch.Tensor] | None = None) -> Iterator[_Chunk]:
+    """The `chunk_bounds` of a class shard, each with its target mask and, given `block(start, end)`, its rows."""
     for start, end in chunk_bounds(num_columns, dim, labels.numel(), labels.device):
-        yield _Chunk(start, end, labels)
+        yield _Chunk(start, end, labels, None if block is None else block(start, end))
 
 
 def row_norms(rows: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """max(|row|, eps) in fp32 (whatever the rows' dtype), the denominator of every cosine against `rows`."""
     return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).clamp_min(eps)
+
+
+@dataclass(frozen=True)
+class RowMixture:
+    """Rows mixed with per-class features, M_j = (1 − λ_j)·W_j/max(‖W_j‖, eps) + λ_j·q_j (VPL, methods.md §7.1).
+
+    The engine forms M a chunk at a time, so neither the C_r×d mixture nor its gradient ever exists whole; the
+    gradient reaches the rows W only (q is the head's state, λ its schedule). `features`: q, C_r×d; `lam`: λ, C_r.
+    """
+
+    features: torch.Tensor
+    lam: torch.Tensor
+
+    def mix(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """M for `rows` = W[index] in fp32 with autograd: the few target rows (the engine's chunks: `_Columns`)."""
+        lam = self.lam[index].float().unsqueeze(1)
+        return (1.0 - lam) * rows.float() / row_norms(rows).unsqueeze(1) + lam * self.features[index].float()
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -121,20 +136,49 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch
 
 
 class _Columns:
-    """What every pass over the chunks reads: x (B×d, fp32), the rows, 1/‖row‖ (or 1), the column bias."""
+    """What every pass over the chunks reads: x (B×d, fp32), the rows (or their `RowMixture`), 1/‖row‖ (or 1),
+    the column bias."""
 
     def __init__(self, x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, spec: ColumnSpec,
-                 bias: torch.Tensor | None, valid: torch.Tensor | None) -> None:
+                 bias: torch.Tensor | None, valid: torch.Tensor | None, mixture: RowMixture | None = None) -> None:
         self.x, self.rows, self.labels, self.spec, self.valid, self.bias = x, rows, labels, spec, valid, bias
-        self.inverse_norms = row_norms(rows).reciprocal_() if spec.normalized else None
-        # ‖W_j‖ is differentiated only where the eps floor is not in effect (clamp_min's rule)
-        self.unclamped = (torch.linalg.vector_norm(rows, dim=1) >= NORM_EPS) if rows.requires_grad else None
+        self.mixture = mixture
+        if mixture is not None:
+            # M_j = s_j·W_j + λ_j·q_j with s_j = (1 − λ_j)/max(‖W_j‖, eps); dL/dW_j = s_j·(G_j − [‖W_j‖ ≥ eps]·
+            # (G_j·W_j)·W_j/‖W_j‖²), G_j = dL/dM_j (clamp_min's rule for the floor, as for the cosine's norm below)
+            norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+            inverse = norms.clamp_min(NORM_EPS).reciprocal_()
+            self.mix_scale = (1.0 - mixture.lam.float()) * inverse
+            self.mix_radial = inverse.square_().mul_(norms >= NORM_EPS)
+        self.inverse_norms = self.unclamped = None
+        if spec.normalized:
+            if mixture is None:
+                norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+            else:  # the mixed rows' norms, a chunk of rows at a time
+                norms = torch.cat([torch.linalg.vector_norm(chunk.rows, dim=1) for chunk in self.chunks()])
+            self.inverse_norms = norms.clamp_min(NORM_EPS).reciprocal_()
+            # ‖W_j‖ is differentiated only where the eps floor is not in effect (clamp_min's rule)
+            self.unclamped = norms >= NORM_EPS
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) in fp32: a view of fp32 rows, a chunk-sized copy of bf16/fp16 ones or of the mixture."""
+        rows = self.rows[start:end].float()
+        if self.mixture is None:
+            return rows
+        lam = self.mixture.lam[start:end].float().unsqueeze(1)
+        return torch.mul(rows, self.mix_scale[start:end].unsqueeze(1)).addcmul_(self.mixture.features[start:end], lam)
+
+    def mixture_gradient(self, grad: torch.Tensor, start: int, end: int) -> None:
+        """dL/dM of rows [start, end) → dL/dW, in place (the formula in __init__)."""
+        rows = self.rows[start:end].float()
+        radial = torch.linalg.vecdot(grad, rows).mul_(self.mix_radial[start:end])
+        grad.addcmul_(rows, radial.unsqueeze(1), value=-1.0).mul_(self.mix_scale[start:end].unsqueeze(1))
 
     def chunks(self) -> Iterator[_Chunk]:
-        return column_chunks(self.labels, self.rows.shape[0], self.rows.shape[1])
+        return column_chunks(self.labels, self.rows.shape[0], self.rows.shape[1], self.block)
 
     def cosine(self, chunk: _Chunk) -> torch.Tensor:
-        c = self.x @ chunk.rows(self.rows).t()
+        c = self.x @ chunk.rows.t()
         return c if self.inverse_norms is None else c.mul_(self.inverse_norms[chunk.start : chunk.end])
 
     def logits(self, chunk: _Chunk, c: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,13 +216,16 @@ class _Columns:
         if self.inverse_norms is not None:
             dc.mul_(self.inverse_norms[a:b])  # both products below carry 1/‖W_j‖
         if grads["x"] is not None:
-            grads["x"].addmm_(dc, chunk.rows(self.rows))
+            grads["x"].addmm_(dc, chunk.rows)
         if grads["rows"] is not None:
-            torch.mm(dc.t(), self.x, out=grads["rows"][a:b])
+            rows_grad = grads["rows"][a:b]
+            torch.mm(dc.t(), self.x, out=rows_grad)
             if self.inverse_norms is not None:
                 # ∂c_ij/∂W_j = (x̂_i − c_ij·W_j/‖W_j‖)/‖W_j‖: the radial part, only where the eps floor is off
                 radial = torch.linalg.vecdot(dc, c, dim=0).mul_(self.inverse_norms[a:b]).mul_(self.unclamped[a:b])
-                grads["rows"][a:b].addcmul_(self.rows[a:b].float(), radial.unsqueeze(1), value=-1.0)
+                rows_grad.addcmul_(chunk.rows, radial.unsqueeze(1), value=-1.0)
+            if self.mixture is not None:
+                self.mixture_gradient(rows_grad, a, b)
 
 
 def _target_logits(target: torch.Tensor, labels: torch.Tensor, spec: ColumnSpec, bias: torch.Tensor | None,
@@ -199,9 +246,9 @@ class _ColumnLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 extra: torch.Tensor | None, labels: torch.Tensor, weights: torch.Tensor, spec: ColumnSpec,
-                valid: torch.Tensor | None, has_target: torch.Tensor) -> torch.Tensor:
+                valid: torch.Tensor | None, has_target: torch.Tensor, mixture: RowMixture | None) -> torch.Tensor:
         wanted = ctx.needs_input_grad
-        columns = _Columns(x, rows, labels, spec, bias, valid)
+        columns = _Columns(x, rows, labels, spec, bias, valid, mixture)
         grads: dict[str, torch.Tensor | None] = {
             "x": torch.zeros_like(x) if wanted[0] else None,
             "rows": torch.zeros_like(rows, dtype=torch.float32) if wanted[1] else None,
@@ -245,7 +292,7 @@ class _ColumnLoss(torch.autograd.Function):
                 d_extra = d_extra.sum()
         return (scaled(gx, x_dtype) if wanted[0] else None, scaled(grows, rows_dtype) if wanted[1] else None,
                 scaled(gtarget) if wanted[2] else None, scaled(gbias) if wanted[3] and gbias.numel() else None,
-                d_extra, None, None, None, None, None)
+                d_extra, None, None, None, None, None, None)
 
 
 def _softmax(columns: _Columns, z_target: torch.Tensor, extra: torch.Tensor | None, weights: torch.Tensor,
@@ -303,10 +350,13 @@ def _bce(columns: _Columns, z_target: torch.Tensor, weights: torch.Tensor, posit
     return total, d_target
 
 
-def target_cosine(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-    """c_{i,y_i} = <x_i, W_{y_i}>/‖W_{y_i}‖ (raw for `normalized=False`) from the owner shard, summed over shards so
-    that every rank holds it; differentiable in x and the target rows. B×d work, not B×C."""
-    picked = rows[labels.clamp(min=0)].float()
+def target_cosine(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, normalized: bool = True,
+                  mixture: RowMixture | None = None) -> torch.Tensor:
+    """c_{i,y_i} = <x_i, W_{y_i}>/‖W_{y_i}‖ (raw for `normalized=False`; against the mixed row M_{y_i} given a
+    `mixture`) from the owner shard, summed over shards so that every rank holds it; differentiable in x and the
+    target rows. B×d work, not B×C."""
+    index = labels.clamp(min=0)
+    picked = rows[index].float() if mixture is None else mixture.mix(rows[index], index)
     c = (x.float() * picked).sum(dim=1)
     if normalized:
         c = c / row_norms(picked)
@@ -315,7 +365,8 @@ def target_cosine(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, nor
 
 def column_loss(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, spec: ColumnSpec,
                 bias: torch.Tensor | None = None, extra: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                mixture: RowMixture | None = None) -> torch.Tensor:
     """Σ_i w_i·L_i (module docstring) for the rows of this class shard, in fp32 outside autocast.
 
     `x`: B_g×d, unit rows for cosine heads (the plain softmax head passes raw embeddings with
@@ -324,7 +375,8 @@ def column_loss(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, targe
     row (the same on every rank); `bias`: None, (1,) or (C_r,) subtracted from every logit; `extra`: the
     softmax kind's extra logit, (B_g,) or a scalar shared by all rows; `valid`: (C_r,) columns that exist
     (a memory's filled slots) — a row whose own column is invalid has no target term, and for softmax no
-    loss at all; `weights`: (B_g,) row weights, 1/B_g by default (the mean over the global batch).
+    loss at all; `weights`: (B_g,) row weights, 1/B_g by default (the mean over the global batch); `mixture`: the
+    columns are `rows` mixed with per-class features (`RowMixture`, VPL), formed chunk by chunk.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.float()
@@ -334,7 +386,8 @@ def column_loss(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, targe
         own = owner if valid is None else owner & valid[labels.clamp(min=0)]
         has_target = _all_reduce(own.float()) > 0  # some shard holds the row's (valid) target column
         return _ColumnLoss.apply(x, rows, target.float(), None if bias is None else bias.float(),
-                                 None if extra is None else extra.float(), labels, weights, spec, valid, has_target)
+                                 None if extra is None else extra.float(), labels, weights, spec, valid, has_target,
+                                 mixture)
 
 
 @torch.no_grad()
