@@ -31,6 +31,9 @@ forward (all-reduce); the target logit and the extra logit are added once. Every
 loss of the whole global batch; the gradients it returns are those of its own columns, which the
 gathered-embedding backward sums over ranks (D1).
 
+Columns that are a mixture of the rows with per-class features (VPL's (1 − λ_j)·Ŵ_j + λ_j·q_j, `RowMixture`) are
+formed a chunk at a time, their gradient taken back to the rows per chunk: the mixture never exists whole.
+
 AnchorFace's pairs of the batch with its stored features (K per identity, sharded like the columns) are
 streamed over the same chunks, with the same forward-accumulated gradient (end of this module).
 """
