@@ -11,17 +11,20 @@ from PIL import Image
 
 from unitsface.evaluation.report import write_report
 from unitsface.evaluation.threshold import (
+    ACCEPTS_NOTHING,
     NOT_MEASURABLE,
+    OperatingPoint,
     balanced_threshold,
     describe,
     format_rate,
+    measure,
     operating_point,
     primary_set,
     rates_at,
     thresholds_at_far,
 )
 from unitsface.evaluation.verification import evaluate_all_pairs
-from unitsface.training.logging import threshold_history
+from unitsface.training.logging import RunLogger, threshold_history
 
 SCORES = np.array([0.9, 0.8, 0.4, 0.5, 0.2, 0.1])
 SAME = np.array([True, True, True, False, False, False])
@@ -65,6 +68,29 @@ def test_operating_point_reports_every_convention_and_one_sentence():
     strict = operating_point(SCORES, SAME, {"b/s": 0.85})
     assert describe(strict, "val").endswith("at a FAR below 1/3 (no false accept among 3 impostor pairs) on val")
     assert primary_set({"val": strict, "heldout": {**strict, "n_impostor": 300}}) == "heldout"
+    assert ACCEPTS_NOTHING not in describe(strict, "val")
+
+
+def test_a_threshold_above_every_genuine_score_says_it_accepts_nothing():
+    """t = 0.95 > 0.9, the best genuine score: TAR 0, and every sentence about it says so (the threshold study's
+    under-trained runs land there)."""
+    blind = operating_point(SCORES, SAME, {"b/s": 0.95})
+    assert blind["tar"] == 0
+    assert describe(blind, "val").endswith(f"on val — {ACCEPTS_NOTHING}")
+    deployed = measure(OperatingPoint(0.95, "learned b/s"), SCORES, SAME, "val")
+    assert deployed.describe().endswith(ACCEPTS_NOTHING)
+    assert ACCEPTS_NOTHING not in measure(OperatingPoint(0.9, "learned b/s"), SCORES, SAME, "val").describe()
+
+
+def test_the_validation_line_says_when_the_threshold_accepts_nothing(tmp_path, capsys):
+    result = identity_set()
+    pairs = result["pair_scores"]
+    log = RunLogger(tmp_path, True, 2)
+    for t in (0.5, float(pairs["scores"].max()) + 0.01):
+        log.validation(1, 0, {"ids": result}, {"ids": operating_point(pairs["scores"], pairs["issame"], {"b/s": t})})
+    log.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ids:")]
+    assert len(lines) == 2 and ACCEPTS_NOTHING not in lines[0] and ACCEPTS_NOTHING in lines[1]
     assert primary_set({}) is None
 
 

@@ -27,6 +27,10 @@ from unitsface.evaluation.verification import check_scores, roc_curve, threshold
 FAR_TARGETS = (1e-2, 1e-3, 1e-4)
 MIN_IMPOSTORS_PER_FAR = 10
 NOT_MEASURABLE = "not measurable"
+# A learned threshold at or above every genuine score: what training too briefly for its C classes does (the
+# threshold study, docs/threshold.md). Said wherever the operating point is, so that nobody deploys it.
+ACCEPTS_NOTHING = ("it accepts no genuine pair: t is at or above every genuine score (training too short for "
+                   "its classes?); set a threshold with `unitsface calibrate --far`")
 
 Rate = Union[float, str]
 
@@ -100,8 +104,9 @@ def describe(point: dict[str, Any], set_name: str) -> str:
     far_text = (f"a FAR below 1/{point['n_impostor']} (no false accept among {point['n_impostor']} impostor pairs)"
                 if isinstance(far, str) else
                 f"a FAR of {far:.2g} ({point['false_accepts']} of {point['n_impostor']} impostor pairs)")
-    return (f"the learned threshold {point['threshold']:.4f} accepts {100 * point['tar']:.1f} % of genuine pairs "
-            f"at {far_text} on {set_name}")
+    sentence = (f"the learned threshold {point['threshold']:.4f} accepts {100 * point['tar']:.1f} % of genuine "
+                f"pairs at {far_text} on {set_name}")
+    return sentence if point["tar"] > 0 else f"{sentence} — {ACCEPTS_NOTHING}"
 
 
 def primary_set(points: dict[str, dict[str, Any]]) -> str | None:
@@ -138,8 +143,9 @@ class OperatingPoint:
         head = f"threshold {self.threshold:.4f} ({self.source})"
         if self.tar is None:
             return f"{head}; expected FAR and TAR unknown"
-        return (f"{head}; expected FAR {format_rate(self.far)}, TAR {self.tar:.3f}, measured on {self.measured_on} "
+        line = (f"{head}; expected FAR {format_rate(self.far)}, TAR {self.tar:.3f}, measured on {self.measured_on} "
                 f"({self.impostor_pairs} impostor pairs)")
+        return line if self.tar > 0 else f"{line} — {ACCEPTS_NOTHING}"
 
 
 def measure(point: OperatingPoint, scores: np.ndarray, issame: np.ndarray, measured_on: str) -> OperatingPoint:

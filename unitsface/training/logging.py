@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.report import jsonable, summary
-from unitsface.evaluation.threshold import format_rate
+from unitsface.evaluation.threshold import ACCEPTS_NOTHING, format_rate
 from unitsface.io import atomic_write
 
 
@@ -105,6 +105,8 @@ class RunLogger:
             if name in operating_points:
                 point = operating_points[name]
                 text += f", t={point['threshold']:.3f} at TAR {point['tar']:.3f} FAR {format_rate(point['far'])}"
+                if point["tar"] == 0:
+                    text += f" ({ACCEPTS_NOTHING})"
             parts.append(text)
         self.bar.write(" | ".join(parts) + f"  (step {step})")
         scalars: dict[str, float] = {}
