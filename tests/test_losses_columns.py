@@ -88,13 +88,13 @@ def test_mixed_rows_equal_their_dense_mixture(chunks_of_1024, kind):
     x and W, with a zero and a below-floor proxy, an unwritten (zero) feature and a row mixed fully into one
     (λ = 1, q = 0: a zero column); the features may be overwritten after the loss, before backward()."""
     g = torch.Generator().manual_seed(11)
-    x0, rows0 = torch.randn(6, 16, generator=g), torch.randn(2300, 16, generator=g)
+    x0, rows0 = torch.randn(7, 16, generator=g), torch.randn(2300, 16, generator=g)
     rows0[5], rows0[6] = 0.0, 1e-6  # row 6: norm 4e-6, below the 1e-5 floor
     features = LF.normalize(torch.randn(2300, 16, generator=g))
     features[8:12] = 0.0
     lam = torch.where(torch.rand(2300, generator=g) > 0.5, 0.15, 0.0)
     lam[[5, 6, 8, 11]] = torch.tensor([0.15, 0.15, 0.15, 1.0])
-    labels = torch.tensor([5, 8, 1030, 2299, -1, 11])
+    labels = torch.tensor([5, 6, 8, 1030, 2299, -1, 11])
     spec = LC.ColumnSpec(kind, 30.0)
 
     def run(dense: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

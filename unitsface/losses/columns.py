@@ -126,10 +126,17 @@ class RowMixture:
     features: torch.Tensor
     lam: torch.Tensor
 
-    def mix(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """M for `rows` = W[index] in fp32 with autograd: the few target rows (the engine's chunks: `_Columns`)."""
+    def scale(self, norms: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+        """s_j = (1 − λ_j)/max(‖W_j‖, eps) of the rows W[index] whose norms are given."""
+        return (1.0 - self.lam[index].float()) / norms.clamp_min(NORM_EPS)
+
+    def mix(self, rows: torch.Tensor, index: slice | torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """M = s·W + λ·q of the rows W[index], in fp32: with `scale` given (the engine's chunks, no autograd), or
+        differentiable in `rows` through their norms (the B target rows)."""
+        if scale is None:
+            scale = self.scale(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32), index)
         lam = self.lam[index].float().unsqueeze(1)
-        return (1.0 - lam) * rows.float() / row_norms(rows).unsqueeze(1) + lam * self.features[index].float()
+        return torch.mul(rows.float(), scale.unsqueeze(1)).addcmul_(self.features[index].float(), lam)
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -150,9 +157,8 @@ class _Columns:
             # M_j = s_j·W_j + λ_j·q_j with s_j = (1 − λ_j)/max(‖W_j‖, eps); dL/dW_j = s_j·(G_j − [‖W_j‖ ≥ eps]·
             # (G_j·W_j)·W_j/‖W_j‖²), G_j = dL/dM_j (clamp_min's rule for the floor, as for the cosine's norm below)
             norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-            inverse = norms.clamp_min(NORM_EPS).reciprocal_()
-            self.mix_scale = (1.0 - mixture.lam.float()) * inverse
-            self.mix_radial = inverse.square_().mul_(norms >= NORM_EPS)
+            self.mix_scale = mixture.scale(norms, slice(None))
+            self.mix_radial = norms.clamp_min(NORM_EPS).reciprocal_().square_().mul_(norms >= NORM_EPS)
         self.inverse_norms = self.unclamped = None
         if spec.normalized:
             if mixture is None:
@@ -165,11 +171,9 @@ class _Columns:
 
     def block(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) in fp32: a view of fp32 rows, a chunk-sized copy of bf16/fp16 ones or of the mixture."""
-        rows = self.rows[start:end].float()
-        if self.mixture is None:
-            return rows
-        lam = self.mixture.lam[start:end].float().unsqueeze(1)
-        return torch.mul(rows, self.mix_scale[start:end].unsqueeze(1)).addcmul_(self.mixture.features[start:end], lam)
+        rows = self.rows[start:end]
+        return rows.float() if self.mixture is None else self.mixture.mix(rows, slice(start, end),
+                                                                         self.mix_scale[start:end])
 
     def mixture_gradient(self, grad: torch.Tensor, start: int, end: int) -> None:
         """dL/dM of rows [start, end) → dL/dW, in place (the formula in __init__)."""
