@@ -58,6 +58,9 @@ def test_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
         ("train.lr", "override 'train.lr' must look like key=value"),
         ("train.optimizer=adam", "unknown train.optimizer 'adam'; known: adamw, sgd"),
         ("train.head_lr_scale=-1", "config key 'train.head_lr_scale' must be >= 0, got -1"),
+        ("train.bias_weight_decay=-1e-4", "config key 'train.bias_weight_decay' must be >= 0, got -0.0001"),
+        ("train.bias_weight_decay=none",
+         "config key 'train.bias_weight_decay' must be float or int or null, got 'none'"),
         ("train.no_decay_norm_bias=1", "config key 'train.no_decay_norm_bias' must be bool, got 1"),
         ("model.mask_ratio=0.1", "backbone 'tinyfacenet' has no parameter 'mask_ratio'; it accepts: input_size"),
         ("model.pretrianed=r50.pth", "backbone 'tinyfacenet' has no parameter 'pretrianed' (did you mean "

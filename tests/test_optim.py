@@ -32,6 +32,22 @@ def test_no_decay_for_norm_weights_biases_and_prelu_slopes() -> None:
     assert names_of(groups, head)[2:] == [["proxies.weight"], ["bias.value"]]
 
 
+@pytest.mark.parametrize("head_name", ["uss", "bce"])
+def test_the_threshold_bias_takes_its_own_decay(head_name: str) -> None:
+    """`bias_weight_decay` sets the learned threshold bias's decay (USS's b, BCE's b_j) and nothing else's, with or
+    without `no_decay_norm_bias`; unset, the bias decays like every other parameter (the references' parity)."""
+    backbone, head = small_backbone(), heads.build(head_name, 5, 6)
+    everything = len(list(backbone.parameters())) + len(list(head.parameters()))
+    groups = optim.param_groups(backbone, head, lr=0.1, weight_decay=5e-4, bias_weight_decay=0.0)
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(5e-4, everything - 1), (0.0, 1)]
+    assert names_of(groups, head)[1] == ["bias.value"]
+    groups = optim.param_groups(backbone, head, lr=0.1, weight_decay=5e-4, no_decay_norm_bias=True,
+                                bias_weight_decay=1e-3)
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0, 1e-3] and names_of(groups, head)[2] == ["bias.value"]
+    unset = optim.param_groups(backbone, head, lr=0.1, weight_decay=5e-4)
+    assert len(unset) == 1 and unset[0]["weight_decay"] == 5e-4
+
+
 def test_defaults_make_one_group_in_module_order() -> None:
     """The layout of every checkpoint written before groups existed: it still resumes."""
     backbone, head = small_backbone(), heads.build("cosface", 5, 6)

@@ -437,6 +437,12 @@ def test_model_pretrained_loads_the_backbone_only(cache, tmp_path, finished, cap
         Trainer(tiny_config(cache, tmp_path / "bad", f"model.pretrained={finished}", "model.backbone=mobilefacenet"))
 
 
+def test_the_threshold_bias_decay_reaches_the_optimiser(cache, tmp_path):
+    t = Trainer(tiny_config(cache, tmp_path / "b", "head.name=unitsface", "train.bias_weight_decay=0"))
+    settings = {id(p): g["weight_decay"] for g in t.optimizer.param_groups for p in g["params"]}
+    assert settings[id(t.head.bias.value)] == 0 and settings[id(t.head.proxies.weight)] == 5e-4
+
+
 def test_a_vit_with_adamw_groups_takes_a_step(cache, tmp_path):
     """Backbone keywords reach the model; norms and biases decay-free; the head at 10× the lr."""
     t = Trainer(tiny_config(cache, tmp_path / "vit", "model.backbone=vit_t", "model.mask_ratio=0.25",

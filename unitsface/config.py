@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 5e-4,
         "momentum": 0.9,  # sgd only
         "no_decay_norm_bias": False,  # no weight decay for norm weights, biases, PReLU slopes
+        "bias_weight_decay": None,  # a head's learned threshold bias; None: as above (the references' global decay)
         "head_lr_scale": 1.0,  # the head's lr = lr × head_lr_scale
         "init_from": None,  # a unitsface checkpoint to fine-tune from (backbone; head too when the classes match)
         "schedule": "step",
@@ -109,6 +110,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "train.weight_decay": (float, int),
     "train.momentum": (float, int),
     "train.no_decay_norm_bias": (bool,),
+    "train.bias_weight_decay": (float, int, type(None)),
     "train.head_lr_scale": (float, int),
     "train.init_from": (str, type(None)),
     "train.schedule": (str,),
@@ -298,8 +300,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if flat["train.sparse_update"] and flat["train.optimizer"] != "sgd":
         raise UnitsfaceError(f"train.sparse_update needs train.optimizer=sgd (got {flat['train.optimizer']}): the lazy "
                              "row update reproduces SGD's momentum and weight decay, not another optimiser's state")
-    if flat["train.head_lr_scale"] < 0:
-        raise UnitsfaceError(f"config key 'train.head_lr_scale' must be >= 0, got {flat['train.head_lr_scale']}")
+    for key in ("train.head_lr_scale", "train.weight_decay", "train.bias_weight_decay"):
+        if flat[key] is not None and flat[key] < 0:
+            raise UnitsfaceError(f"config key '{key}' must be >= 0, got {flat[key]}")
     if flat["train.keep_best"] is not None:
         ValidationMetric.parse(flat["train.keep_best"])
     if flat["train.ema"] is not None and not 0.0 < flat["train.ema"] < 1.0:

@@ -325,12 +325,14 @@ def _exempt_from_decay(module: nn.Module, name: str) -> bool:
 
 
 def param_groups(backbone: nn.Module, head: nn.Module, lr: float, weight_decay: float, head_lr_scale: float = 1.0,
-                 no_decay_norm_bias: bool = False) -> list[dict[str, Any]]:
+                 no_decay_norm_bias: bool = False, bias_weight_decay: float | None = None) -> list[dict[str, Any]]:
     """The trainable parameters of `backbone` then `head`, grouped by (lr, weight decay).
 
     Head parameters train at `lr · head_lr_scale`. With `no_decay_norm_bias`, norm weights, biases and
     PReLU slopes get no weight decay: decay pulls a BatchNorm gamma or a PReLU slope towards 0, which
-    changes what the layer computes rather than regularising it. Groups with the same settings are
+    changes what the layer computes rather than regularising it. `bias_weight_decay`, when set, is the
+    decay of a head's learned threshold bias whatever the rest: the references decay b with the global
+    5e-4, which pulls the threshold b/s towards 0 (methods.md §3.4). Groups with the same settings are
     merged, in first-seen order, so the defaults give one group in module order (the layout of
     checkpoints written before groups existed).
     """
@@ -341,6 +343,9 @@ def param_groups(backbone: nn.Module, head: nn.Module, lr: float, weight_decay: 
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
-                    decay = 0.0 if no_decay_norm_bias and _exempt_from_decay(module, name) else weight_decay
+                    if bias_weight_decay is not None and isinstance(module, LearnedBias):
+                        decay = bias_weight_decay
+                    else:
+                        decay = 0.0 if no_decay_norm_bias and _exempt_from_decay(module, name) else weight_decay
                     groups.setdefault((lr * scale, decay), []).append(p)
     return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]

@@ -157,7 +157,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.cfg["max_steps"])
 
         groups = optim.param_groups(self.model, self.head, self.cfg["lr"], self.cfg["weight_decay"],
-                                    self.cfg["head_lr_scale"], self.cfg["no_decay_norm_bias"])
+                                    self.cfg["head_lr_scale"], self.cfg["no_decay_norm_bias"],
+                                    self.cfg["bias_weight_decay"])
         self.params = [p for group in groups for p in group["params"]]
         proxies = self.head.proxy_weight()
         lazy = [proxies] if self.cfg["sparse_update"] and proxies is not None else []
