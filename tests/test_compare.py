@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from unitsface.config import load_config
+from unitsface.config import for_head, load_config
+from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.threshold import balanced_threshold
 from unitsface.training.compare import all_pairs, balanced_accuracy, compare_heads, results_table
 
@@ -51,3 +52,13 @@ def test_compare_two_heads_end_to_end(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "out" / "cosface_anchor-seed0" / "metrics.jsonl").open()]
     steps = [r for r in logged if "loss" in r]
     assert steps and all(-1 <= r["anchor_threshold"] <= 1 and 0 <= r["far_soft"] <= 1 for r in steps)
+
+
+def test_head_overrides_reach_every_compared_head_or_stop_before_training(tmp_path):
+    """`bench losses head.m=0.3`: every head trains with m = 0.3; a head without an `m` stops the comparison with
+    one error naming it before any run (it used to be dropped silently)."""
+    base = load_config("bench_losses", ["head.m=0.3", f"data.cache={tmp_path / 'cache'}"])
+    assert for_head(base, "arcface")["head"] == {"name": "arcface", "m": 0.3}
+    with pytest.raises(UnitsfaceError, match="head 'softmax' has no parameter 'm'"):
+        compare_heads(base, ["cosface", "softmax"], [0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from unitsface.cli import main
+from unitsface.cli.bench import QUICK
 from unitsface.training.threshold_study import epochs_for, far_times_c
 
 
@@ -50,6 +52,19 @@ def test_quick_study_runs_measures_and_writes_the_doc(tmp_path, capsys):
     doc.write_text("no markers here\n")
     assert main(args) == 2
     assert "has no <!-- study:begin --> ... <!-- study:end --> section" in capsys.readouterr().err
+
+
+def test_head_overrides_reach_every_run_or_stop_the_study_before_it_trains(tmp_path, capsys):
+    """`head.m_sample=0.3` trains unitsface with it (the run's checkpoint config says so); for a head that has no such
+    parameter the study stops with a one-line error before the first run."""
+    out = tmp_path / "study"
+    common = ["bench", "threshold", "--identities", "8", "--budgets", "4", "--seeds", "1", "--out", str(out),
+              *QUICK, f"data.cache={tmp_path / 'cache'}", "head.m_sample=0.3"]
+    assert main([*common, "--heads", "unitsface,cosface"]) == 2
+    assert "head 'cosface' has no parameter 'm_sample'" in capsys.readouterr().err and not out.exists()
+    assert main([*common, "--heads", "unitsface"]) == 0
+    config = torch.load(out / "unitsface-C8-S4-seed0" / "last.pt", weights_only=False)["config"]
+    assert config["head"] == {"name": "unitsface", "m_sample": 0.3}
 
 
 def test_study_arguments_are_checked(capsys):

@@ -344,6 +344,15 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     return validate(config)
 
 
+def for_head(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A validated copy of `config` that trains head `name` with the head parameters `config` was given: a
+    bench's `head.*` overrides reach every head it trains, and one that a head does not accept is an error
+    naming it (not silently dropped)."""
+    out = copy.deepcopy(config)
+    out["head"] = {**config["head"], "name": name}
+    return validate(out)
+
+
 def _head_parameters(name: str) -> dict[str, Any] | None:
     return heads.head_parameters(name) if name in heads.names() else None
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from unitsface.config import validate
+from unitsface.config import for_head
 from unitsface.data.synthetic import HELDOUT_SPLIT, render_identities
 from unitsface.evaluation.embed import embed_images
 from unitsface.evaluation.report import is_pair_result, markdown_table, mean_std
@@ -70,16 +70,16 @@ def measure_run(trainer: Trainer, val_results: dict[str, Any], faces: np.ndarray
 def compare_heads(base: dict[str, Any], heads: list[str], seeds: list[int], out: Path,
                   test_identities: int = 200, test_images: int = 8) -> dict[str, list[dict[str, Any]]]:
     """Train every (head, seed) with `base` (a validated config) and measure it; returns head -> runs."""
+    configs = {name: for_head(base, name) for name in heads}  # every head's parameters checked before training
     seed = base["data"]["synthetic"]["seed"] if base["data"]["train"] == "synthetic" else 0
     faces, labels = render_identities(seed, HELDOUT_SPLIT, test_identities, test_images)
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in heads:
         for s in seeds:
-            config = copy.deepcopy(base)
-            config["head"] = {"name": name}
+            config = copy.deepcopy(configs[name])
             config["train"]["seed"] = s
             config["output"] = str(out / f"{name}-seed{s}")
-            trainer = Trainer(validate(config))
+            trainer = Trainer(config)
             result = measure_run(trainer, trainer.fit(), faces, labels)
             runs.setdefault(name, []).append(result)
             print(json.dumps({"head": name, "seed": s, **{k: v for k, v in result.items() if k != "roc"}},

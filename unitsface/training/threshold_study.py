@@ -17,7 +17,6 @@ and `write_study` summarises whatever the file holds.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import statistics
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from unitsface.config import validate
+from unitsface.config import for_head, validate
 from unitsface.data.cache import cached_synthetic_dataset
 from unitsface.data.synthetic import HELDOUT_FOLDER, render_identities
 from unitsface.evaluation.embed import embed_images
@@ -68,14 +67,13 @@ def epochs_for(budget: int, steps_per_epoch: int) -> int:
 def run_config(base: dict[str, Any], run: StudyRun, out: Path) -> dict[str, Any]:
     """The validated config of one run: `base` (a validated config) with this run's identities, head,
     seed, whole-epoch budget, and the held-out identities as its only validation set, scored at the end."""
-    config = copy.deepcopy(base)
+    config = for_head(base, run.head)
     synthetic = config["data"]["synthetic"]
     synthetic["identities"] = run.identities
     folder = cached_synthetic_dataset(cache=config["data"]["cache"], **synthetic)
     steps_per_epoch = max(1, run.identities * synthetic["images_per_identity"] // config["train"]["batch_size"])
     epochs = epochs_for(run.budget, steps_per_epoch)
     config["data"]["val"] = [str(folder / HELDOUT_FOLDER)]
-    config["head"] = {"name": run.head}
     config["train"].update(seed=run.seed, epochs=epochs, max_steps=None, val_every=epochs * steps_per_epoch)
     config["output"] = str(out / run.name)
     return validate(config)
@@ -117,6 +115,9 @@ def run_study(base: dict[str, Any], heads: Iterable[str], identities: Iterable[i
               seeds: Iterable[int], out: Path, calibration_identities: int = 100,
               calibration_images: int = 8) -> list[dict[str, Any]]:
     """Train and measure every (head, C, budget, seed) not yet in `<out>/runs.jsonl`; returns all records."""
+    heads = list(heads)
+    for head in heads:  # every head's parameters checked before the first run trains
+        for_head(base, head)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     records = read_runs(log)
