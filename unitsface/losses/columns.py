@@ -163,8 +163,9 @@ class _Columns:
         if spec.normalized:
             if mixture is None:
                 norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-            else:  # the mixed rows' norms, a chunk of rows at a time
-                norms = torch.cat([torch.linalg.vector_norm(chunk.rows, dim=1) for chunk in self.chunks()])
+            else:  # the mixed rows' norms, a chunk of rows at a time (no target masks needed for that)
+                bounds = chunk_bounds(rows.shape[0], rows.shape[1], labels.numel(), labels.device)
+                norms = torch.cat([torch.linalg.vector_norm(self.block(a, b), dim=1) for a, b in bounds])
             self.inverse_norms = norms.clamp_min(NORM_EPS).reciprocal_()
             # ‖W_j‖ is differentiated only where the eps floor is not in effect (clamp_min's rule)
             self.unclamped = norms >= NORM_EPS
