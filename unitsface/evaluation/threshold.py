@@ -35,6 +35,11 @@ ACCEPTS_NOTHING = ("it accepts no genuine pair: t is at or above every genuine s
 Rate = Union[float, str]
 
 
+def flag_blind(text: str, tar: float) -> str:
+    """`text` about a threshold, with ACCEPTS_NOTHING appended when its TAR is 0."""
+    return text if tar > 0 else f"{text} — {ACCEPTS_NOTHING}"
+
+
 def far_key(far: float) -> str:
     """The JSON key of a FAR target: 0.01, 0.001, 0.0001 as written by Python."""
     return repr(float(far))
@@ -104,9 +109,8 @@ def describe(point: dict[str, Any], set_name: str) -> str:
     far_text = (f"a FAR below 1/{point['n_impostor']} (no false accept among {point['n_impostor']} impostor pairs)"
                 if isinstance(far, str) else
                 f"a FAR of {far:.2g} ({point['false_accepts']} of {point['n_impostor']} impostor pairs)")
-    sentence = (f"the learned threshold {point['threshold']:.4f} accepts {100 * point['tar']:.1f} % of genuine "
-                f"pairs at {far_text} on {set_name}")
-    return sentence if point["tar"] > 0 else f"{sentence} — {ACCEPTS_NOTHING}"
+    return flag_blind(f"the learned threshold {point['threshold']:.4f} accepts {100 * point['tar']:.1f} % of "
+                      f"genuine pairs at {far_text} on {set_name}", point["tar"])
 
 
 def primary_set(points: dict[str, dict[str, Any]]) -> str | None:
@@ -143,9 +147,8 @@ class OperatingPoint:
         head = f"threshold {self.threshold:.4f} ({self.source})"
         if self.tar is None:
             return f"{head}; expected FAR and TAR unknown"
-        line = (f"{head}; expected FAR {format_rate(self.far)}, TAR {self.tar:.3f}, measured on {self.measured_on} "
-                f"({self.impostor_pairs} impostor pairs)")
-        return line if self.tar > 0 else f"{line} — {ACCEPTS_NOTHING}"
+        return flag_blind(f"{head}; expected FAR {format_rate(self.far)}, TAR {self.tar:.3f}, measured on "
+                          f"{self.measured_on} ({self.impostor_pairs} impostor pairs)", self.tar)
 
 
 def measure(point: OperatingPoint, scores: np.ndarray, issame: np.ndarray, measured_on: str) -> OperatingPoint:

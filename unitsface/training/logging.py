@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from unitsface.errors import UnitsfaceError
 from unitsface.evaluation.report import jsonable, summary
-from unitsface.evaluation.threshold import ACCEPTS_NOTHING, format_rate
+from unitsface.evaluation.threshold import flag_blind, format_rate
 from unitsface.io import atomic_write
 
 
@@ -104,9 +104,8 @@ class RunLogger:
                                   else f"AUC {r['auc'] * 100:.2f}")
             if name in operating_points:
                 point = operating_points[name]
-                text += f", t={point['threshold']:.3f} at TAR {point['tar']:.3f} FAR {format_rate(point['far'])}"
-                if point["tar"] == 0:
-                    text += f" ({ACCEPTS_NOTHING})"
+                text = flag_blind(f"{text}, t={point['threshold']:.3f} at TAR {point['tar']:.3f} "
+                                  f"FAR {format_rate(point['far'])}", point["tar"])
             parts.append(text)
         self.bar.write(" | ".join(parts) + f"  (step {step})")
         scalars: dict[str, float] = {}
