@@ -961,5 +961,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_script(write)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

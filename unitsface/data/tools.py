@@ -346,7 +346,6 @@ def _masked_image(data: bytes, source: str, key: list[int], prob: float, detecto
 
 def _encode_like(face: np.ndarray, name: str) -> bytes:
     """`face` encoded in the format the file name says: JPEG (quality 95), PNG, else Pillow's choice."""
-
     suffix = Path(name).suffix.lower()
     if suffix in (".jpg", ".jpeg"):
         return encode_jpeg(face, 95)
@@ -370,7 +369,6 @@ def mask_folder(src: str | os.PathLike, out: str | os.PathLike, prob: float = 1.
     for byte. The tree is written to a temp folder beside `out` and renamed at the end: an error
     leaves nothing behind. Without a detector every image must be a 112×112 aligned crop.
     """
-
     _check_probability(prob)
     classes, items = list_image_folder(src)
     out = Path(out)

@@ -185,7 +185,6 @@ def format_mfr(result: dict[str, Any]) -> str:
 
 def write_mfr_report(out: str | Path, result: dict[str, Any], extra: dict[str, Any]) -> Path:
     """report.md, roc.png and metrics.json of one `eval mfr` run (the ROCs need roc=True results)."""
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: (r["roc"]["fpr"], r["roc"]["tpr"]) for name, r in _rows(result)}
